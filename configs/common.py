@@ -1,0 +1,94 @@
+"""Defaults shared by every experiment; other configs start from ``common.get_config()``.
+
+Not meant to be launched directly: it names no data.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def optim(*, learning_rate: float = 1e-3, weight_decay: float = 1e-4, warmup_steps: int = 100) -> dict:
+    """AdamW + linear warmup + cosine decay + global-norm clipping (see histokd_jax/optim.py)."""
+    return dict(
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        clip_norm=1.0,
+        accumulate_steps=1,  # >1: optax.MultiSteps gradient accumulation (steps count micro-batches)
+    )
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Stages run in this order; "distill" needs a teacher (from this workdir or teacher.checkpoint).
+    c.stages = ("teacher", "distill", "baseline")
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "folder"  # "folder": root/<split>/<class>/*.png; "synthetic": generated demo tiles
+    c.data.root = ""  # required for "folder"; for "synthetic", empty means workdir/data
+    c.data.class_names = ()  # empty: the sorted sub-folders of root/train (this order = label index)
+    c.data.train_split = "train"
+    c.data.val_split = "val"
+    c.data.test_split = "test"
+    c.data.unlabeled_folder = "unlabeled"  # root/<this>/**/*.png, used by distillation only
+    c.data.use_unlabeled = True  # distil on train + unlabelled pool (the paper's self-supervised setting)
+    c.data.teacher_px = 224  # side of the teacher crop, in pixels at the teacher resolution
+    # Teacher and student resolution; downsample = ratio of the two. Magnification strings use the
+    # heuristic mpp = 10 / power. Set downsample directly (2, 4, 8, 16) when magnifications are "".
+    c.data.teacher_magnification = ""
+    c.data.student_magnification = ""
+    c.data.downsample = 0
+    c.data.flips = True
+    c.data.rot90 = True
+    c.data.jitter = (0.5, 0.5, 0.5, 0.2)  # brightness, contrast, saturation, hue (the paper's values)
+    c.data.workers = 2  # grain worker processes; 0 loads in the main process
+    # Synthetic demo data only (data.kind == "synthetic"):
+    c.data.seed = 0
+    c.data.tile_px = 64
+    c.data.n_train = 300
+    c.data.n_unlabeled = 4200
+    c.data.n_val = 300
+    c.data.n_test = 600
+
+    c.model = ml_collections.ConfigDict()
+    c.model.widths = (32, 64, 128, 256)
+    c.model.blocks_per_stage = (1, 1, 1, 1)
+    c.model.num_groups = 32
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.checkpoint = ""  # a finished teacher (a workdir/teacher folder): skip training, distil from it
+    c.teacher.steps = 10_000
+    c.teacher.batch_size = 64
+    c.teacher.eval_every_steps = 500
+    c.teacher.optim = optim()
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.steps = 20_000
+    c.distill.batch_size = 64
+    c.distill.eval_every_steps = 500
+    c.distill.optim = optim()
+    c.distill.loss = ml_collections.ConfigDict()
+    c.distill.loss.w_kl = 1.0
+    c.distill.loss.w_feat = 1.0
+    c.distill.loss.w_ce = 0.0
+    c.distill.loss.temperature = 1.0
+    c.distill.loss.feature_kind = "l2"  # "l2" | "l1"
+    c.distill.loss.feature_resize = "maxpool"  # "maxpool" | "bicubic" | "maxpool+bicubic"
+
+    c.baseline = ml_collections.ConfigDict()
+    c.baseline.steps = 10_000
+    c.baseline.batch_size = 64
+    c.baseline.eval_every_steps = 500
+    c.baseline.optim = optim()
+
+    c.train = ml_collections.ConfigDict()
+    c.train.log_every_steps = 50
+    c.train.checkpoint_every_steps = 500
+    c.train.keep_checkpoints = 2
+    c.train.eval_batch_size = 128
+    c.train.select_metric = "balanced_accuracy"  # validation metric that picks the best parameters
+    c.train.progress = True
+    return c

@@ -1,0 +1,23 @@
+"""Lung adenocarcinoma (LUAD) growth patterns; teacher at 10x, student at 1.25x (64x fewer FLOPs).
+
+The LUAD tiles are private; point the config at your copy (root/<split>/<class>/*.png at 10x):
+
+    python launch/train.py --config=configs/luad.py --workdir=/tmp/luad --config.data.root=/path/to/luad_tiles
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = common.get_config(arg)
+    c.data.kind = "folder"
+    c.data.class_names = ("Acinar", "Lepidic", "Micropapillary", "Papillary", "Solid")
+    c.data.teacher_magnification = "10x"
+    c.data.student_magnification = "1.25x"
+    c.data.teacher_px = 224  # 28 px student: the smallest size where 32 GroupNorm groups stay well defined
+    c.lock()
+    return c

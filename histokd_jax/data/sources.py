@@ -1,0 +1,100 @@
+"""grain data sources over tile folders.
+
+Layout: ``root/<split>/<class>/*.png`` for labelled splits and, optionally,
+``root/unlabeled/**/*.png`` for the unlabelled pool used by distillation only.
+A source is just an indexable list of records; pixels are decoded on access, in
+the loader's worker processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+UNLABELED = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class TileRecord:
+    path: str
+    label: int  # UNLABELED (-1) for the unlabelled pool
+
+
+def _images_under(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def find_class_names(root: str | pathlib.Path, *, split: str = "train") -> tuple[str, ...]:
+    """Class names as the sorted sub-folders of ``root/split`` (the label order)."""
+    folder = pathlib.Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no split folder {folder} (expected root/<split>/<class>/*.png)")
+    names = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir()))
+    if not names:
+        raise FileNotFoundError(f"{folder} has no class sub-folders (expected {folder}/<class>/*.png)")
+    return names
+
+
+def scan_split(root: str | pathlib.Path, split: str, *, class_names: Sequence[str]) -> list[TileRecord]:
+    """Records of a labelled split; unknown or missing class folders are errors, not silent drops."""
+    folder = pathlib.Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no split folder {folder} (expected root/<split>/<class>/*.png)")
+    present = {p.name for p in folder.iterdir() if p.is_dir()}
+    unknown = sorted(present - set(class_names))
+    if unknown:
+        raise ValueError(f"{folder} has folders {unknown} that are not among the classes {list(class_names)}")
+    records = []
+    for label, name in enumerate(class_names):
+        records += [TileRecord(str(p), label) for p in _images_under(folder / name)] if name in present else []
+    if not records:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}/<class>/")
+    return records
+
+
+def scan_unlabeled(root: str | pathlib.Path, *, folder: str = "unlabeled") -> list[TileRecord]:
+    """Records of the unlabelled pool (any depth); an absent pool is an empty list."""
+    path = pathlib.Path(root) / folder
+    return [TileRecord(str(p), UNLABELED) for p in _images_under(path)] if path.is_dir() else []
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """Decode an image file to uint8 RGB HWC, compositing any alpha onto white."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot read tile image {path}: {err}") from err
+
+
+class TileSource:
+    """A grain random-access source: ``source[i] -> {image, label, has_label}``."""
+
+    def __init__(self, records: Sequence[TileRecord]):
+        self.records = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        return {
+            "image": load_rgb(record.path),
+            "label": np.int32(record.label),
+            "has_label": np.bool_(record.label != UNLABELED),
+        }
+
+    def labels(self) -> np.ndarray:
+        return np.asarray([r.label for r in self.records], np.int32)
+
+    def __repr__(self) -> str:
+        return f"TileSource({len(self)} records)"

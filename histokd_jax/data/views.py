@@ -1,0 +1,132 @@
+"""Paired views: one augmented high-resolution crop, and its downsample for the student.
+
+Both views are cut from the SAME augmented crop, so teacher and student always
+see the same tissue with the same flips, rotation and colour; only resolution
+differs. Images stay uint8 HWC until the step normalises them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+ALLOWED_DOWNSAMPLES = (1, 2, 4, 8, 16)
+
+# RGB -> YIQ; a rotation of the (I, Q) chroma plane shifts hue without changing luma.
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
+
+
+def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
+    """Antialiased downsample of an HWC image by an integer factor: each output pixel is a block mean.
+
+    This is what a scanner's lower magnification approximates: every output pixel
+    integrates the light of ``factor x factor`` input pixels.
+    """
+    if factor == 1:
+        return image
+    h, w, c = image.shape
+    if h % factor or w % factor:
+        raise ValueError(f"image {h}x{w} is not divisible by the downsample factor {factor}")
+    blocks = image.reshape(h // factor, factor, w // factor, factor, c).astype(np.float32)
+    out = blocks.mean(axis=(1, 3))
+    return np.clip(np.rint(out), 0, 255).astype(image.dtype) if image.dtype == np.uint8 else out
+
+
+def color_jitter(
+    image: np.ndarray, rng: np.random.Generator, *, brightness: float, contrast: float, saturation: float, hue: float
+) -> np.ndarray:
+    """Random brightness, contrast, saturation and hue on a float RGB image in [0, 1].
+
+    Factors are drawn like torchvision's ColorJitter (``1 + U(-x, x)``; hue as a
+    fraction of a full turn), applied in a fixed order; the hue shift is a rotation
+    in YIQ chroma space, which is cheap and keeps luma.
+    """
+    if brightness:
+        image = image * rng.uniform(1 - brightness, 1 + brightness)
+    if contrast:
+        grey = image @ _RGB_TO_YIQ[0]
+        image = (image - grey.mean()) * rng.uniform(1 - contrast, 1 + contrast) + grey.mean()
+    if saturation:
+        grey = (image @ _RGB_TO_YIQ[0])[..., None]
+        image = (image - grey) * rng.uniform(1 - saturation, 1 + saturation) + grey
+    if hue:
+        angle = 2 * np.pi * rng.uniform(-hue, hue)
+        cos, sin = np.cos(angle), np.sin(angle)
+        rotate = np.array([[1, 0, 0], [0, cos, -sin], [0, sin, cos]], np.float32)
+        image = image @ (_YIQ_TO_RGB @ rotate @ _RGB_TO_YIQ).T
+    return np.clip(image, 0.0, 1.0)
+
+
+def crop(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """A ``size`` square crop: random when ``rng`` is given, central otherwise."""
+    h, w, _ = image.shape
+    if h < size or w < size:
+        raise ValueError(f"tile {h}x{w} is smaller than the teacher crop {size}")
+    if rng is None:
+        y, x = (h - size) // 2, (w - size) // 2
+    else:
+        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    return image[y : y + size, x : x + size]
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+    """How to turn a tile into the two views. ``jitter`` = (brightness, contrast, saturation, hue)."""
+
+    teacher_px: int
+    downsample: int
+    flips: bool = True
+    rot90: bool = True
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    def __post_init__(self):
+        if self.downsample not in ALLOWED_DOWNSAMPLES:
+            raise ValueError(f"downsample must be one of {ALLOWED_DOWNSAMPLES}, got {self.downsample}")
+        if self.teacher_px % self.downsample:
+            raise ValueError(f"teacher_px={self.teacher_px} is not divisible by downsample={self.downsample}")
+
+    @property
+    def student_px(self) -> int:
+        return self.teacher_px // self.downsample
+
+
+def augment(image: np.ndarray, rng: np.random.Generator, *, spec: ViewSpec) -> np.ndarray:
+    """Flip, rotate by a multiple of 90 degrees and colour-jitter a uint8 HWC crop."""
+    if spec.flips and rng.random() < 0.5:
+        image = image[:, ::-1]
+    if spec.rot90:
+        image = np.rot90(image, k=int(rng.integers(0, 4)))
+    if any(spec.jitter):
+        b, c, s, h = spec.jitter
+        jittered = color_jitter(image.astype(np.float32) / 255.0, rng, brightness=b, contrast=c, saturation=s, hue=h)
+        image = np.rint(jittered * 255.0).astype(np.uint8)
+    return np.ascontiguousarray(image)
+
+
+def make_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None) -> dict:
+    """``{image, label, has_label}`` -> ``{teacher_image, student_image, label, has_label}``.
+
+    With ``rng=None`` (evaluation) the crop is central and nothing is augmented.
+    """
+    teacher = crop(element["image"], spec.teacher_px, rng)
+    if rng is not None:
+        teacher = augment(teacher, rng, spec=spec)
+    return {
+        "teacher_image": teacher,
+        "student_image": area_downsample(teacher, spec.downsample),
+        "label": np.int32(element["label"]),
+        "has_label": np.bool_(element["has_label"]),
+    }
+
+
+class TrainViews(grain.transforms.RandomMap):
+    """grain transform: augmented paired views, seeded per record by grain."""
+
+    def __init__(self, spec: ViewSpec):
+        self.spec = spec
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        return make_views(element, spec=self.spec, rng=rng)

@@ -1,0 +1,122 @@
+"""Pure, unjitted step functions; the trainer jits them over the device mesh.
+
+Every dependency (models, optimiser, loss settings) is a keyword-only argument so
+callers bind them with ``functools.partial`` and the remaining signature is
+``(state, [teacher_params,] batch) -> (state, metrics)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from histokd_jax import losses
+from histokd_jax.models import last_stage, normalize_images
+from histokd_jax.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillLoss:
+    """Weights and settings of the student objective (defaults: the paper's self-supervised setting)."""
+
+    w_kl: float = 1.0
+    w_feat: float = 1.0
+    w_ce: float = 0.0
+    temperature: float = 1.0
+    feature_kind: str = "l2"
+    feature_resize: str = "maxpool"
+
+
+def _apply_update(state: TrainState, grads: Any, *, tx: optax.GradientTransformation) -> tuple[TrainState, jnp.ndarray]:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, optax.global_norm(grads)
+
+
+def _accuracy(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    mask = mask.astype(jnp.float32)
+    hits = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.sum(hits * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def supervised_step(
+    state: TrainState, batch: dict[str, jnp.ndarray], *, model: nn.Module, tx: optax.GradientTransformation, image_key: str
+) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+    """One cross-entropy update on the labelled samples of ``batch[image_key]``.
+
+    Used for the high-resolution teacher (``image_key="teacher_image"``) and for the
+    low-resolution label-only baseline (``"student_image"``).
+    """
+    images = normalize_images(batch[image_key])
+
+    def loss_fn(params):
+        logits, _ = model.apply({"params": params}, images)
+        return losses.cross_entropy(logits, batch["label"], batch["has_label"]), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state, grad_norm = _apply_update(state, grads, tx=tx)
+    metrics = {
+        "loss": loss,
+        "accuracy": _accuracy(logits, batch["label"], batch["has_label"]),
+        "grad_norm": grad_norm,
+    }
+    return new_state, metrics
+
+
+def distill_step(
+    state: TrainState,
+    teacher_params: Any,
+    batch: dict[str, jnp.ndarray],
+    *,
+    student: nn.Module,
+    teacher: nn.Module,
+    tx: optax.GradientTransformation,
+    loss: DistillLoss = DistillLoss(),
+) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+    """One student update against the frozen teacher, run live on the same crop.
+
+    The teacher sees ``teacher_image`` (high resolution) and the student sees
+    ``student_image`` (the same augmented crop, downsampled). Teacher outputs pass
+    through ``stop_gradient`` and its parameters are an argument, not part of the
+    state: they are never differentiated, updated or donated.
+    """
+    t_logits, t_features = teacher.apply({"params": teacher_params}, normalize_images(batch["teacher_image"]))
+    t_logits = jax.lax.stop_gradient(t_logits)
+    t_map = jax.lax.stop_gradient(last_stage(t_features))
+    s_images = normalize_images(batch["student_image"])
+
+    def loss_fn(params):
+        s_logits, s_features = student.apply({"params": params}, s_images)
+        kl = losses.soft_kl(s_logits, t_logits, loss.temperature)
+        feat = (
+            losses.feature_loss(last_stage(s_features), t_map, kind=loss.feature_kind, resize=loss.feature_resize)
+            if loss.w_feat
+            else jnp.zeros(())
+        )
+        ce = losses.cross_entropy(s_logits, batch["label"], batch["has_label"]) if loss.w_ce else jnp.zeros(())
+        total = loss.w_kl * kl + loss.w_feat * feat + loss.w_ce * ce
+        return total, (s_logits, kl, feat, ce)
+
+    (total, (s_logits, kl, feat, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state, grad_norm = _apply_update(state, grads, tx=tx)
+    metrics = {
+        "loss": total,
+        "kl": kl,
+        "feature": feat,
+        "ce": ce,
+        "agreement": jnp.mean((jnp.argmax(s_logits, -1) == jnp.argmax(t_logits, -1)).astype(jnp.float32)),
+        "grad_norm": grad_norm,
+    }
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch: dict[str, jnp.ndarray], *, model: nn.Module, image_key: str) -> jnp.ndarray:
+    """Class probabilities for ``batch[image_key]``; metrics are computed on the host."""
+    logits, _ = model.apply({"params": params}, normalize_images(batch[image_key]))
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

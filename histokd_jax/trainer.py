@@ -1,0 +1,374 @@
+"""Runs the stages a config names (teacher, distill, baseline), resumably, and reports a table.
+
+Each stage lives in ``workdir/<role>/``: orbax checkpoints (state, best params,
+data iterator, metadata, config) and, once finished, ``result.json``. Running the
+same command again resumes an interrupted stage from its latest checkpoint and
+skips a finished one, so ``workdir`` is the unit of work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from histokd_jax import checkpoint, parallel, steps
+from histokd_jax.data.pipeline import eval_batches, make_train_loader
+from histokd_jax.data.splits import DataSplits, load_splits, view_spec
+from histokd_jax.data.sources import TileSource
+from histokd_jax.metric_writer import MetricWriter
+from histokd_jax.metrics import classification_metrics
+from histokd_jax.models import ResNetGN, check_groupnorm
+from histokd_jax.optim import make_optimizer
+from histokd_jax.state import create_train_state, init_params
+
+log = logging.getLogger(__name__)
+
+RESULT_KEYS = ("role", "input_px", "downsample", "split", "accuracy", "balanced_accuracy", "macro_f1", "gflops_per_image")
+
+
+@dataclasses.dataclass
+class Stage:
+    """One model to train: what it sees, what it trains on, and how one step updates it."""
+
+    role: str  # "teacher" | "student_kd" | "student_baseline": the folder and the results row
+    cfg: ml_collections.ConfigDict  # config.teacher / config.distill / config.baseline
+    model: nn.Module
+    image_key: str  # "teacher_image" or "student_image"
+    input_px: int
+    downsample: int
+    train_source: TileSource
+    make_step: Callable[[Any], Callable]  # tx -> unjitted step(state, [teacher_params,] batch)
+    seed: int
+    teacher_params: Any = None  # distillation only: the frozen teacher, passed to every step
+
+
+def make_model(config: ml_collections.ConfigDict, *, num_classes: int) -> ResNetGN:
+    m = config.model
+    return ResNetGN(
+        num_classes=num_classes,
+        widths=tuple(m.widths),
+        blocks_per_stage=tuple(m.blocks_per_stage),
+        num_groups=m.num_groups,
+    )
+
+
+def gflops_per_image(model: nn.Module, params: Any, *, input_px: int) -> float:
+    """FLOPs of one forward pass, from XLA's cost analysis of the compiled function."""
+    x = jax.ShapeDtypeStruct((1, input_px, input_px, 3), np.float32)
+    compiled = jax.jit(lambda p, im: model.apply({"params": p}, im)).lower(params, x).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) / 1e9
+
+
+def evaluate(
+    params: Any,
+    source: TileSource,
+    *,
+    model: nn.Module,
+    image_key: str,
+    spec,
+    mesh,
+    batch_size: int,
+    eval_fn: Callable | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, class probabilities) over a whole split, in record order."""
+    if eval_fn is None:
+        eval_fn = make_eval_fn(model=model, image_key=image_key, mesh=mesh)
+    probs = []
+    for batch, valid in eval_batches(source, spec=spec, global_batch_size=batch_size):
+        out = np.asarray(eval_fn(params, parallel.put_batch(batch, mesh=mesh)))
+        probs.append(out[valid])
+    return source.labels(), np.concatenate(probs)
+
+
+def make_eval_fn(*, model: nn.Module, image_key: str, mesh) -> Callable:
+    return jax.jit(
+        functools.partial(steps.eval_step, model=model, image_key=image_key),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+
+def _flush(pending: list[dict], *, role: str, last_step: int, ckpt_dir: pathlib.Path, latest_saved) -> dict:
+    """Fetch the metrics of the steps since the last flush; stop on a non-finite loss."""
+    values = jax.device_get(pending)
+    losses = np.asarray([v["loss"] for v in values])
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        step = last_step - len(values) + 1 + int(bad[0])
+        raise FloatingPointError(
+            f"{role}: the loss became {losses[bad[0]]} at step {step}; training stopped. The last good "
+            f"checkpoint (step {latest_saved}) is kept in {ckpt_dir}: lower the learning rate or check the "
+            "input data, then rerun the same command to resume from it."
+        )
+    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+
+
+def run_stage(
+    stage: Stage,
+    *,
+    config: ml_collections.ConfigDict,
+    splits: DataSplits,
+    mesh,
+    workdir: pathlib.Path,
+    writer: MetricWriter,
+    should_stop: Callable[[str, int], bool] | None = None,
+) -> tuple[Any, dict] | None:
+    """Train one stage (or reuse it when finished); returns (best params, test row), None if stopped."""
+    stage_dir = workdir / stage.role
+    result_file = stage_dir / "result.json"
+    params = init_params(stage.model, rng=jax.random.key(stage.seed), input_px=stage.input_px)
+    if result_file.exists():
+        log.info("%s: finished earlier, reusing %s", stage.role, stage_dir)
+        best, _ = checkpoint.load_best_params(stage_dir, params_like=params, mesh=mesh)
+        return best, json.loads(result_file.read_text())
+
+    cfg, train = stage.cfg, config.train
+    per_process_batch = parallel.check_batch_size(cfg.batch_size, mesh=mesh, what=f"{stage.role} batch_size")
+    parallel.check_batch_size(train.eval_batch_size, mesh=mesh, what="train.eval_batch_size")
+    tx = make_optimizer(cfg.optim, total_steps=cfg.steps)
+    state = parallel.put_replicated(create_train_state(params, tx=tx), mesh=mesh)
+    iterator = iter(
+        make_train_loader(
+            stage.train_source,
+            spec=view_spec(config.data, train=True),
+            batch_size=per_process_batch,
+            seed=stage.seed,
+            workers=config.data.workers,
+        )
+    )
+    best_params, best = jax.device_get(state.params), {"metric": -math.inf, "step": 0}
+    manager = checkpoint.make_manager(stage_dir / "checkpoints", keep=train.keep_checkpoints)
+    if manager.latest_step() is not None:
+        restored = checkpoint.restore(manager, manager.latest_step(), state_like=state, data_iterator=iterator, mesh=mesh)
+        state, best_params, best = restored["state"], restored["best"], restored["meta"]
+        log.info("%s: resuming from step %d", stage.role, int(state.step))
+
+    repl, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    extra = () if stage.teacher_params is None else (stage.teacher_params,)
+    step_fn = jax.jit(
+        stage.make_step(tx),
+        in_shardings=(repl, *(repl for _ in extra), split),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
+    eval_fn = make_eval_fn(model=stage.model, image_key=stage.image_key, mesh=mesh)
+    run_eval = functools.partial(
+        evaluate,
+        model=stage.model,
+        image_key=stage.image_key,
+        spec=view_spec(config.data, train=False),
+        mesh=mesh,
+        batch_size=train.eval_batch_size,
+        eval_fn=eval_fn,
+    )
+
+    first = int(state.step)
+    bar = tqdm(
+        total=cfg.steps, initial=first, desc=stage.role, unit="step", disable=not (train.progress and writer.enabled)
+    )
+    pending: list[dict] = []
+    try:
+        for step in range(first + 1, cfg.steps + 1):
+            batch = parallel.put_batch(next(iterator), mesh=mesh)
+            state, metrics = step_fn(state, *extra, batch)
+            pending.append(metrics)
+            bar.update()
+            last = step == cfg.steps
+            eval_now = step % cfg.eval_every_steps == 0 or last
+            save_now = eval_now or step % train.checkpoint_every_steps == 0
+            stop_now = bool(should_stop and should_stop(stage.role, step))
+            if not (step % train.log_every_steps == 0 or save_now or stop_now):
+                continue
+            means = _flush(
+                pending, role=stage.role, last_step=step, ckpt_dir=manager.directory, latest_saved=manager.latest_step()
+            )
+            pending = []
+            writer.write(f"{stage.role}/train", step, means)
+            bar.set_postfix(loss=f"{means['loss']:.4f}")
+            if eval_now:
+                val = classification_metrics(*run_eval(state.params, splits.val))
+                writer.write(f"{stage.role}/val", step, val)
+                if val[train.select_metric] > best["metric"]:
+                    best = {"metric": val[train.select_metric], "step": step, **val}
+                    best_params = jax.device_get(state.params)
+            if save_now or stop_now:
+                checkpoint.save(
+                    manager,
+                    step,
+                    state=state,
+                    best_params=best_params,
+                    data_iterator=iterator,
+                    meta=best,
+                    config_json=config.to_json(),
+                )
+            if stop_now:
+                log.warning("%s: stopped at step %d; run the same command again to resume", stage.role, step)
+                return None
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+
+    labels, probs = run_eval(best_params, splits.test)
+    row = result_row(stage, params=best_params, labels=labels, probs=probs)
+    row.update(best_val_step=best["step"], best_val_metric=best["metric"])
+    if writer.enabled:
+        result_file.write_text(json.dumps(row, indent=2))
+    return best_params, row
+
+
+def result_row(stage: Stage, *, params: Any, labels: np.ndarray, probs: np.ndarray) -> dict:
+    return {
+        "role": stage.role,
+        "input_px": stage.input_px,
+        "downsample": stage.downsample,
+        "split": "test",
+        **classification_metrics(labels, probs),
+        "gflops_per_image": gflops_per_image(stage.model, params, input_px=stage.input_px),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """The results as an aligned text table, plus the teacher/student FLOP ratio."""
+    header = f"{'role':<18}{'input_px':>9}{'down':>6}{'accuracy':>10}{'bal_acc':>9}{'macro_f1':>10}{'GFLOPs':>10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['role']:<18}{r['input_px']:>9}{r['downsample']:>6}{r['accuracy']:>10.3f}"
+            f"{r['balanced_accuracy']:>9.3f}{r['macro_f1']:>10.3f}{r['gflops_per_image']:>10.4f}"
+        )
+    by_role = {r["role"]: r for r in rows}
+    if "teacher" in by_role and "student_kd" in by_role:
+        ratio = by_role["teacher"]["gflops_per_image"] / by_role["student_kd"]["gflops_per_image"]
+        lines.append(f"teacher / student FLOPs: {ratio:.1f}x")
+    return "\n".join(lines)
+
+
+def _teacher_params(config, *, model, input_px, mesh, workdir, trained) -> Any:
+    """The frozen teacher for distillation: a configured checkpoint, this run's teacher, or none."""
+    if trained is not None:
+        return trained
+    source = pathlib.Path(config.teacher.checkpoint) if config.teacher.checkpoint else workdir / "teacher"
+    like = init_params(model, rng=jax.random.key(0), input_px=input_px)
+    try:
+        params, _ = checkpoint.load_best_params(source, params_like=like, mesh=mesh)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"distillation needs a teacher: none at {source} ({err}). Add 'teacher' to config.stages "
+            "or set --config.teacher.checkpoint=/path/to/workdir/teacher"
+        ) from err
+    return params
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    should_stop: Callable[[str, int], bool] | None = None,
+    config_name: str = "this config",
+) -> list[dict] | None:
+    """Run every stage in ``config.stages``; write and print ``workdir/results.json``.
+
+    ``should_stop(role, step)`` lets a caller (a preemption handler, a test) stop
+    after a step with a checkpoint saved; the function then returns None.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    unknown = set(config.stages) - {"teacher", "distill", "baseline"}
+    if unknown:
+        raise ValueError(f"config.stages has unknown names {sorted(unknown)}; use teacher, distill, baseline")
+    splits = load_splits(config.data, workdir=workdir, config_name=config_name)
+    train_spec = view_spec(config.data, train=True)
+    teacher_px, student_px, down = train_spec.teacher_px, train_spec.student_px, train_spec.downsample
+    model = make_model(config, num_classes=len(splits.class_names))
+    check_groupnorm(input_px=teacher_px, widths=config.model.widths, num_groups=config.model.num_groups, role="teacher")
+    check_groupnorm(input_px=student_px, widths=config.model.widths, num_groups=config.model.num_groups, role="student")
+    mesh = parallel.make_mesh()
+    writer = MetricWriter(workdir)
+    if writer.enabled:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (workdir / "run.json").write_text(json.dumps(_run_metadata(splits, mesh, teacher_px, student_px), indent=2))
+
+    pool = TileSource(splits.train.records + splits.unlabeled.records)
+    rows, teacher_params = [], None
+    try:
+        for name in config.stages:
+            if name == "teacher":
+                stage = Stage("teacher", config.teacher, model, "teacher_image", teacher_px, 1, splits.train,
+                              lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx,
+                                                           image_key="teacher_image"),
+                              seed=config.seed)
+                if config.teacher.checkpoint:
+                    teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh,
+                                                     workdir=workdir, trained=None)
+                    labels, probs = evaluate(teacher_params, splits.test, model=model, image_key="teacher_image",
+                                             spec=view_spec(config.data, train=False), mesh=mesh,
+                                             batch_size=config.train.eval_batch_size)
+                    rows.append(result_row(stage, params=teacher_params, labels=labels, probs=probs))
+                    continue
+            elif name == "distill":
+                teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh,
+                                                 workdir=workdir, trained=teacher_params)
+                loss = steps.DistillLoss(**config.distill.loss.to_dict())
+                stage = Stage("student_kd", config.distill, model, "student_image", student_px, down, pool,
+                              lambda tx: functools.partial(steps.distill_step, student=model, teacher=model, tx=tx,
+                                                           loss=loss),
+                              seed=config.seed + 1, teacher_params=parallel.put_replicated(teacher_params, mesh=mesh))
+            else:
+                # Same initialisation and data order as the distilled student: only the objective differs.
+                stage = Stage("student_baseline", config.baseline, model, "student_image", student_px, down,
+                              splits.train,
+                              lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx,
+                                                           image_key="student_image"),
+                              seed=config.seed + 1)
+            out = run_stage(stage, config=config, splits=splits, mesh=mesh, workdir=workdir, writer=writer,
+                            should_stop=should_stop)
+            if out is None:
+                return None
+            params, row = out
+            if name == "teacher":
+                teacher_params = params
+            rows.append(row)
+    finally:
+        writer.close()
+    if writer.enabled:
+        (workdir / "results.json").write_text(json.dumps(rows, indent=2))
+    print(format_table(rows), flush=True)
+    return rows
+
+
+def _run_metadata(splits: DataSplits, mesh, teacher_px: int, student_px: int) -> dict:
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "devices": mesh.size,
+        "processes": jax.process_count(),
+        "data_root": str(splits.root),
+        "class_names": list(splits.class_names),
+        "records": {
+            "train": len(splits.train),
+            "unlabeled": len(splits.unlabeled),
+            "val": len(splits.val),
+            "test": len(splits.test),
+        },
+        "teacher_px": teacher_px,
+        "student_px": student_px,
+    }

@@ -1,0 +1,39 @@
+"""Train teacher, distilled student and label-only baseline as the config says.
+
+    python launch/train.py --config=configs/demo.py --workdir=/tmp/histokd-demo
+    python launch/train.py --config=configs/cd.py --workdir=/tmp/cd --config.data.root=/data/cd
+
+Any config field can be overridden with ``--config.a.b=value``. Rerunning the same
+command resumes from the latest checkpoint; finished stages are not redone.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # so configs/ imports from any cwd
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Unable to initialize backend 'tpu'"
+    from histokd_jax import trainer
+
+    rows = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, config_name=flags.FLAGS["config"].config_filename)
+    if rows is None:
+        sys.exit("stopped before the end; run the same command again to resume")
+    print(f"results: {pathlib.Path(_WORKDIR.value) / 'results.json'}")
+
+
+if __name__ == "__main__":
+    app.run(main)
