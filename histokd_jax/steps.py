@@ -36,7 +36,7 @@ def _apply_update(state: TrainState, grads: Any, *, tx: optax.GradientTransforma
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, optax.global_norm(grads)
+    return new_state, optax.tree.norm(grads)
 
 
 def _accuracy(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:

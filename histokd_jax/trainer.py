@@ -33,7 +33,7 @@ from histokd_jax.metric_writer import MetricWriter
 from histokd_jax.metrics import classification_metrics
 from histokd_jax.models import ResNetGN, check_groupnorm
 from histokd_jax.optim import make_optimizer
-from histokd_jax.state import create_train_state, init_params
+from histokd_jax.state import abstract_params, create_train_state, init_params
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,12 @@ def run_stage(
     """Train one stage (or reuse it when finished); returns (best params, test row), None if stopped."""
     stage_dir = workdir / stage.role
     result_file = stage_dir / "result.json"
-    params = init_params(stage.model, rng=jax.random.key(stage.seed), input_px=stage.input_px)
     if result_file.exists():
         log.info("%s: finished earlier, reusing %s", stage.role, stage_dir)
-        best, _ = checkpoint.load_best_params(stage_dir, params_like=params, mesh=mesh)
+        like = abstract_params(stage.model, input_px=stage.input_px)
+        best, _ = checkpoint.load_best_params(stage_dir, params_like=like, mesh=mesh)
         return best, json.loads(result_file.read_text())
+    params = init_params(stage.model, rng=jax.random.key(stage.seed), input_px=stage.input_px)
 
     cfg, train = stage.cfg, config.train
     per_process_batch = parallel.check_batch_size(cfg.batch_size, mesh=mesh, what=f"{stage.role} batch_size")
@@ -265,7 +266,7 @@ def _teacher_params(config, *, model, input_px, mesh, workdir, trained) -> Any:
     if trained is not None:
         return trained
     source = pathlib.Path(config.teacher.checkpoint) if config.teacher.checkpoint else workdir / "teacher"
-    like = init_params(model, rng=jax.random.key(0), input_px=input_px)
+    like = abstract_params(model, input_px=input_px)
     try:
         params, _ = checkpoint.load_best_params(source, params_like=like, mesh=mesh)
     except FileNotFoundError as err:

@@ -10,6 +10,7 @@ command resumes from the latest checkpoint; finished stages are not redone.
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import sys
 
@@ -27,6 +28,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Unable to initialize backend 'tpu'"
+    import jax
+
+    # Reruns (e.g. after a preemption) reuse compiled programs instead of recompiling for minutes.
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache/histokd_jax/xla"))
+    jax.config.update("jax_compilation_cache_dir", cache)
     from histokd_jax import trainer
 
     rows = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, config_name=flags.FLAGS["config"].config_filename)

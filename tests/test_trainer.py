@@ -1,0 +1,136 @@
+"""End-to-end behaviour of the trainer: devices, resume, NaN stop, launch script."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from histokd_jax import steps, trainer
+from tests.tiny import TINY_FLAGS, tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    """One generated tile folder shared by every run of this module."""
+    return str(tmp_path_factory.mktemp("tiles"))
+
+
+def final_params(stage_dir: pathlib.Path) -> dict:
+    """The last saved training state's parameters, read straight from the orbax files."""
+    with ocp.CheckpointManager(stage_dir / "checkpoints", item_names=("state",)) as manager:
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored["state"]["params"]
+
+
+def launch(workdir: pathlib.Path, *extra: str, devices: int = 1) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, str(REPO / "launch/train.py"), "--config=configs/demo.py", f"--workdir={workdir}",
+           *TINY_FLAGS, *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def train_losses(workdir: pathlib.Path) -> dict[str, list[float]]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    out: dict[str, list[float]] = {}
+    for row in rows:
+        if row["stage"].endswith("/train"):
+            out.setdefault(row["stage"], []).append(row["loss"])
+    return out
+
+
+def test_launch_end_to_end_writes_results_and_is_not_redone(tmp_path, data_root):
+    workdir = tmp_path / "run"
+    done = launch(workdir, f"--config.data.root={data_root}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((workdir / "results.json").read_text())
+    assert [r["role"] for r in rows] == ["teacher", "student_kd", "student_baseline"]
+    for row in rows:
+        assert set(trainer.RESULT_KEYS) <= set(row)
+        assert row["split"] == "test" and 0.0 <= row["accuracy"] <= 1.0
+    assert rows[0]["input_px"] == 64 and rows[1]["input_px"] == 16 and rows[1]["downsample"] == 4
+    # The student sees 16x fewer pixels; with SAME padding the FLOP ratio is at least that.
+    assert rows[0]["gflops_per_image"] > 10 * rows[1]["gflops_per_image"] > 0
+    assert "student_kd" in done.stdout and "teacher / student FLOPs" in done.stdout
+    assert (workdir / "config.json").exists() and list((workdir / "tensorboard").iterdir())
+
+    # Running the same command again redoes nothing: no training step is logged twice.
+    lines_before = (workdir / "metrics.jsonl").read_text().count("\n")
+    again = launch(workdir, f"--config.data.root={data_root}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (workdir / "metrics.jsonl").read_text().count("\n") == lines_before
+    assert json.loads((workdir / "results.json").read_text()) == rows
+
+
+def test_one_and_eight_devices_give_the_same_losses(tmp_path, data_root):
+    extra = (f"--config.data.root={data_root}", "--config.stages=('teacher', 'distill')")
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    for workdir, devices in ((one, 1), (eight, 8)):
+        done = launch(workdir, *extra, devices=devices)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((eight / "run.json").read_text())["devices"] == 8
+    losses_one, losses_eight = train_losses(one), train_losses(eight)
+    assert set(losses_one) == {"teacher/train", "student_kd/train"}
+    for stage, values in losses_one.items():
+        assert len(values) == 6
+        np.testing.assert_allclose(losses_eight[stage], values, rtol=2e-4, atol=1e-5)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, data_root):
+    done = launch(tmp_path / "bad", f"--config.data.root={data_root}", "--config.teacher.batch_size=12", devices=8)
+    assert done.returncode != 0
+    assert "does not divide evenly over 8 device(s)" in done.stderr
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_root):
+    config = tiny_config(data_root)
+    config.stages = ("teacher", "distill")
+    straight = tmp_path / "straight"
+    assert trainer.train_and_evaluate(config, straight) is not None
+
+    resumed = tmp_path / "resumed"
+    stopped = trainer.train_and_evaluate(config, resumed, should_stop=lambda role, step: role == "student_kd" and step == 3)
+    assert stopped is None
+    assert not (resumed / "student_kd" / "result.json").exists()
+    assert trainer.train_and_evaluate(config, resumed) is not None
+
+    for role in ("teacher", "student_kd"):
+        a, b = final_params(straight / role), final_params(resumed / role)
+        for x, y in zip(_leaves(a), _leaves(b)):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert train_losses(straight)["student_kd/train"][-3:] == pytest.approx(
+        train_losses(resumed)["student_kd/train"][-3:], rel=1e-6
+    )
+
+
+def _leaves(tree) -> list[np.ndarray]:
+    import jax
+
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root, monkeypatch):
+    real_step = steps.supervised_step
+
+    def poisoned(state, batch, **kw):  # the loss turns NaN from the 5th update on
+        new_state, metrics = real_step(state, batch, **kw)
+        metrics["loss"] = jnp.where(state.step >= 4, jnp.nan, metrics["loss"])
+        return new_state, metrics
+
+    monkeypatch.setattr(steps, "supervised_step", poisoned)
+    config = tiny_config(data_root)
+    config.stages = ("teacher",)
+    with pytest.raises(FloatingPointError, match="step 5"):
+        trainer.train_and_evaluate(config, tmp_path / "nan")
+    with ocp.CheckpointManager(tmp_path / "nan" / "teacher" / "checkpoints") as manager:
+        assert manager.latest_step() == 4  # saved at step 4 (every 2 steps), never at the poisoned step 5

@@ -1,0 +1,44 @@
+"""A tiny version of the demo config (seconds per stage) shared by the slow tests."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import demo
+
+# The same settings as command-line overrides of configs/demo.py, for launch/train.py runs.
+TINY_FLAGS = [
+    "--config.data.n_train=48",
+    "--config.data.n_unlabeled=48",
+    "--config.data.n_val=24",
+    "--config.data.n_test=24",
+    "--config.model.widths=(8, 16, 16, 32)",
+    "--config.model.num_groups=4",
+    "--config.teacher.steps=6",
+    "--config.distill.steps=6",
+    "--config.baseline.steps=6",
+    "--config.teacher.batch_size=16",
+    "--config.distill.batch_size=16",
+    "--config.baseline.batch_size=16",
+    "--config.teacher.eval_every_steps=3",
+    "--config.distill.eval_every_steps=3",
+    "--config.baseline.eval_every_steps=3",
+    "--config.train.eval_batch_size=16",
+    "--config.train.log_every_steps=1",
+    "--config.train.checkpoint_every_steps=2",
+    "--config.train.progress=False",
+]
+
+
+def tiny_config(data_root: str = "") -> ml_collections.ConfigDict:
+    """configs/demo.py with every TINY_FLAGS override applied."""
+    config = demo.get_config()
+    for flag in TINY_FLAGS:
+        path, value = flag.removeprefix("--config.").split("=", 1)
+        *parents, leaf = path.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = type(node[leaf])(eval(value)) if not isinstance(node[leaf], str) else value  # noqa: S307
+    config.data.root = data_root
+    return config
