@@ -29,8 +29,15 @@ def normalize_images(images: jnp.ndarray) -> jnp.ndarray:
 
 
 def groups_for(channels: int, num_groups: int) -> int:
-    """Number of GroupNorm groups for a layer: at most one group per channel."""
-    return max(1, min(num_groups, channels))
+    """GroupNorm groups for a layer: the largest divisor of ``channels`` not above ``num_groups``.
+
+    So the paper's 32 groups apply where they fit, and narrow layers (or widths
+    that 32 does not divide) still get equal-sized groups.
+    """
+    groups = max(1, min(num_groups, channels))
+    while channels % groups:
+        groups -= 1
+    return groups
 
 
 def stage_sizes(input_px: int, num_stages: int) -> list[int]:

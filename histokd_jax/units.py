@@ -16,7 +16,7 @@ def magnification_to_mpp(value: str | float) -> float:
         power = float(text)
     except ValueError:
         raise ValueError(f"cannot read a magnification from {value!r}; write e.g. '10x' or '1.25x'") from None
-    if not power > 0:
+    if not (power > 0 and math.isfinite(power)):
         raise ValueError(f"magnification must be positive, got {value!r}")
     return MPP_AT_1X / power
 

@@ -134,3 +134,43 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_roo
         trainer.train_and_evaluate(config, tmp_path / "nan")
     with ocp.CheckpointManager(tmp_path / "nan" / "teacher" / "checkpoints") as manager:
         assert manager.latest_step() == 4  # saved at step 4 (every 2 steps), never at the poisoned step 5
+
+
+def test_distils_from_a_configured_teacher_checkpoint(tmp_path, data_root):
+    config = tiny_config(data_root)
+    config.stages = ("teacher",)
+    assert trainer.train_and_evaluate(config, tmp_path / "t") is not None
+
+    config.stages = ("distill",)
+    config.teacher.checkpoint = str(tmp_path / "t" / "teacher")
+    rows = trainer.train_and_evaluate(config, tmp_path / "s")
+    assert [r["role"] for r in rows] == ["student_kd"]
+    assert not (tmp_path / "s" / "teacher").exists()  # no teacher was trained there
+
+    # A teacher of another architecture is refused, never loaded loosely.
+    config.model.widths = (8, 16, 16, 16)
+    with pytest.raises(ValueError, match="does not match"):
+        trainer.train_and_evaluate(config, tmp_path / "s2")
+
+
+def test_distill_without_any_teacher_is_a_clear_error(tmp_path, data_root):
+    config = tiny_config(data_root)
+    config.stages = ("distill",)
+    with pytest.raises(FileNotFoundError, match="distillation needs a teacher"):
+        trainer.train_and_evaluate(config, tmp_path / "none")
+
+
+@pytest.mark.parametrize("name", ["cd", "luad"])
+def test_private_dataset_configs_ask_for_their_data_root(tmp_path, name):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch/train.py"), f"--config=configs/{name}.py", f"--workdir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0
+    assert "--config.data.root=" in done.stderr
+    missing = subprocess.run(
+        [sys.executable, str(REPO / "launch/train.py"), f"--config=configs/{name}.py", f"--workdir={tmp_path}",
+         f"--config.data.root={tmp_path / 'nowhere'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert missing.returncode != 0 and "does not exist" in missing.stderr

@@ -1,0 +1,222 @@
+"""ResNet-GN shapes, parameter count and GroupNorm guards, checked against hand arithmetic."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from histokd_jax import models
+from histokd_jax.state import count_params
+
+TINY = dict(widths=(8, 16, 16, 32), num_groups=4)
+PAPER_WIDTHS = (32, 64, 128, 256)
+
+# Stage sides worked out by hand: stem 7x7/2 SAME -> ceil(n/2), 3x3/2 max-pool SAME -> ceil(./2),
+# stage1 keeps the side, stages 2..4 halve it (ceil).
+#   16:  16 -> 8 -> 4 | 4, 2, 1, 1
+#   28:  28 -> 14 -> 7 | 7, 4, 2, 1
+#   64:  64 -> 32 -> 16 | 16, 8, 4, 2
+#   224: 224 -> 112 -> 56 | 56, 28, 14, 7
+#   30:  30 -> 15 -> 8 | 8, 4, 2, 1
+HAND_STAGE_SIDES = {16: (4, 2, 1, 1), 28: (7, 4, 2, 1), 64: (16, 8, 4, 2), 224: (56, 28, 14, 7), 30: (8, 4, 2, 1)}
+
+
+def numpy_params(model, px, seed):
+    """Parameters drawn with numpy (He-normal kernels, unit GN scales, zero biases).
+
+    jax.random compiles slowly on small CPUs; the shapes still come from the model.
+    """
+    x = jax.ShapeDtypeStruct((1, px, px, 3), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32))
+        if name == "scale":
+            return jnp.ones(leaf.shape, jnp.float32)
+        return jnp.asarray(rng.normal(0.0, 0.1, leaf.shape).astype(np.float32))
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _shapes(model, px, batch=2):
+    x = jax.ShapeDtypeStruct((batch, px, px, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    return variables, jax.eval_shape(model.apply, variables, x)
+
+
+@pytest.mark.parametrize("px", sorted(HAND_STAGE_SIDES))
+def test_output_shapes_tiny(px):
+    model = models.ResNetGN(num_classes=5, **TINY)
+    _, (logits, features) = _shapes(model, px, batch=3)
+    assert logits.shape == (3, 5)
+    assert set(features) == {"stage1", "stage2", "stage3", "stage4", "pooled"}
+    for stage, (side, width) in enumerate(zip(HAND_STAGE_SIDES[px], TINY["widths"]), start=1):
+        assert features[f"stage{stage}"].shape == (3, side, side, width), stage
+    assert features["pooled"].shape == (3, TINY["widths"][-1])
+
+
+def test_output_shapes_paper_config_224():
+    model = models.ResNetGN(num_classes=3)  # defaults: paper widths, one block per stage, 32 groups
+    _, (logits, features) = _shapes(model, 224)
+    assert logits.shape == (2, 3)
+    for stage, (side, width) in enumerate(zip(HAND_STAGE_SIDES[224], PAPER_WIDTHS), start=1):
+        assert features[f"stage{stage}"].shape == (2, side, side, width)
+    assert features["pooled"].shape == (2, 256)
+
+
+@pytest.mark.parametrize("px", sorted(HAND_STAGE_SIDES))
+def test_stage_sizes_match_hand_values(px):
+    assert models.stage_sizes(px, 4) == list(HAND_STAGE_SIDES[px])
+
+
+def test_forward_pass_pooled_is_mean_of_last_stage_and_logits_are_dense_head():
+    model = models.ResNetGN(num_classes=4, **TINY)
+    x = np.random.default_rng(0).uniform(-1, 1, size=(2, 28, 28, 3)).astype(np.float32)
+    params = numpy_params(model, 28, seed=1)
+    logits, features = jax.jit(model.apply)({"params": params}, x)
+    stage4 = np.asarray(features["stage4"], np.float64)
+    pooled = stage4.mean(axis=(1, 2))
+    np.testing.assert_allclose(np.asarray(features["pooled"]), pooled, rtol=1e-5, atol=1e-6)
+    head = params["head"]
+    np.testing.assert_allclose(
+        np.asarray(logits), pooled @ np.asarray(head["kernel"]) + np.asarray(head["bias"]), rtol=1e-4, atol=1e-5
+    )
+    assert np.all(stage4 >= 0)  # every block ends in a ReLU
+    assert models.last_stage(features) is features["stage4"]
+
+
+def test_paper_parameter_count_by_hand():
+    classes = 3
+
+    def gn(c):  # GroupNorm: scale + bias per channel
+        return 2 * c
+
+    stem = 7 * 7 * 3 * 32 + gn(32)  # 7x7 conv, no bias, then GroupNorm
+    # stage1: 32 -> 32, stride 1: no projection
+    stage1 = (3 * 3 * 32 * 32 + gn(32)) + (3 * 3 * 32 * 32 + gn(32))
+    # stages 2..4: channels double and stride is 2 -> 1x1 projection conv + GroupNorm
+    stage2 = (3 * 3 * 32 * 64 + gn(64)) + (3 * 3 * 64 * 64 + gn(64)) + (1 * 1 * 32 * 64 + gn(64))
+    stage3 = (3 * 3 * 64 * 128 + gn(128)) + (3 * 3 * 128 * 128 + gn(128)) + (1 * 1 * 64 * 128 + gn(128))
+    stage4 = (3 * 3 * 128 * 256 + gn(256)) + (3 * 3 * 256 * 256 + gn(256)) + (1 * 1 * 128 * 256 + gn(256))
+    head = 256 * classes + classes
+    expected = stem + stage1 + stage2 + stage3 + stage4 + head
+
+    model = models.ResNetGN(num_classes=classes, widths=PAPER_WIDTHS, blocks_per_stage=(1, 1, 1, 1), num_groups=32)
+    variables, _ = _shapes(model, 64, batch=1)
+    params = variables["params"]
+    assert int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))) == expected
+    assert count_params(params) == expected
+    # projection exists exactly where channels or stride change
+    assert "proj_conv" not in params["stage1_block0"]
+    for stage in (2, 3, 4):
+        assert "proj_conv" in params[f"stage{stage}_block0"]
+
+
+def test_projection_when_only_stride_changes():
+    # equal widths in stages 2 and 3 (16 -> 16): the stride-2 block still needs a projection
+    model = models.ResNetGN(num_classes=2, **TINY)
+    params = _shapes(model, 32)[0]["params"]
+    assert params["stage3_block0"]["proj_conv"]["kernel"].shape == (1, 1, 16, 16)
+    assert "proj_conv" not in params["stage1_block0"]  # 8 -> 8 at stride 1
+
+
+# ---------------------------------------------------------------- GroupNorm guards
+
+
+def _hand_rule_fails(px, widths, groups):
+    """The docstring rule, recomputed: (channels per group) x side^2 < 4 at some stage."""
+    side = -(-px // 2)
+    side = -(-side // 2)
+    for stage, width in enumerate(widths):
+        if stage:
+            side = -(-side // 2)
+        g = max(d for d in range(1, min(groups, width) + 1) if width % d == 0)  # largest divisor <= groups
+        if (width // g) * side * side < 4:
+            return True
+    return False
+
+
+def test_check_groupnorm_rejects_8px_with_32_groups():
+    # 8 px: 8 -> 4 -> 2, stages 2,1,1,1; stage2 has 64/32 = 2 channels per group x 1x1 = 2 values < 4
+    with pytest.raises(ValueError, match="stage 2"):
+        models.check_groupnorm(input_px=8, widths=PAPER_WIDTHS, num_groups=32)
+
+
+def test_check_groupnorm_passes_at_16px():
+    # 16 px: stages 4,2,1,1 -> per group 1*16, 2*4, 4*1, 8*1: all >= 4
+    models.check_groupnorm(input_px=16, widths=PAPER_WIDTHS, num_groups=32)
+
+
+def test_check_groupnorm_8px_threshold():
+    # 8 px, stages 2,1,1,1: need 32//g*4 >= 4 (g <= 32), 64//g >= 4 (g <= 16), 128//g >= 4, 256//g >= 4
+    # -> 16 groups is the largest that passes; 17..31 also pass, because a layer uses the largest
+    # divisor of its width not above num_groups (16 for 64 channels); 32 fails.
+    models.check_groupnorm(input_px=8, widths=PAPER_WIDTHS, num_groups=16)
+    models.check_groupnorm(input_px=8, widths=PAPER_WIDTHS, num_groups=8)
+    models.check_groupnorm(input_px=8, widths=PAPER_WIDTHS, num_groups=17)
+    with pytest.raises(ValueError):
+        models.check_groupnorm(input_px=8, widths=PAPER_WIDTHS, num_groups=32)
+
+
+@pytest.mark.parametrize("channels", [1, 12, 32, 48, 100, 256])
+def test_groups_for_always_divides_the_channels(channels):
+    for num_groups in range(1, 70):
+        g = models.groups_for(channels, num_groups)
+        assert 1 <= g <= min(num_groups, channels) and channels % g == 0
+        # and it is the largest such divisor
+        assert not any(channels % d == 0 for d in range(g + 1, min(num_groups, channels) + 1))
+
+
+@pytest.mark.parametrize("px", [4, 8, 12, 16, 32])
+def test_check_groupnorm_agrees_with_rule_for_all_group_counts(px):
+    for groups in range(1, 65):
+        fails = _hand_rule_fails(px, PAPER_WIDTHS, groups)
+        if fails:
+            with pytest.raises(ValueError):
+                models.check_groupnorm(input_px=px, widths=PAPER_WIDTHS, num_groups=groups)
+        else:
+            models.check_groupnorm(input_px=px, widths=PAPER_WIDTHS, num_groups=groups)
+
+
+def test_check_groupnorm_suggested_group_count_fixes_8px():
+    with pytest.raises(ValueError) as err:
+        models.check_groupnorm(input_px=8, widths=PAPER_WIDTHS, num_groups=32)
+    assert "e.g. 16" in str(err.value)  # 64 channels * 1x1 / 4 values per group
+    models.check_groupnorm(input_px=8, widths=PAPER_WIDTHS, num_groups=16)
+
+
+def test_model_accepted_by_check_runs_at_8px():
+    models.check_groupnorm(input_px=8, widths=PAPER_WIDTHS, num_groups=16)
+    model = models.ResNetGN(num_classes=3, num_groups=16)
+    _, (logits, features) = _shapes(model, 8)
+    assert logits.shape == (2, 3)
+    assert features["stage4"].shape == (2, 1, 1, 256)
+
+
+def test_groups_for_never_exceeds_channels():
+    for channels in range(1, 80):
+        for num_groups in range(1, 80):
+            g = models.groups_for(channels, num_groups)
+            assert 1 <= g <= channels
+            assert g <= num_groups
+            if num_groups <= channels and channels % num_groups == 0:
+                assert g == num_groups
+    assert models.groups_for(8, 32) == 8
+    assert models.groups_for(48, 32) == 24
+    assert models.groups_for(256, 32) == 32
+
+
+def test_normalize_images_per_channel():
+    img = np.zeros((1, 1, 2, 3), np.uint8)
+    img[0, 0, 1] = 255
+    out = np.asarray(models.normalize_images(jnp.asarray(img)))
+    mean, std = np.asarray(models.PIXEL_MEAN), np.asarray(models.PIXEL_STD)
+    np.testing.assert_allclose(out[0, 0, 0], (0.0 - mean) / std, rtol=1e-6)
+    np.testing.assert_allclose(out[0, 0, 1], (1.0 - mean) / std, rtol=1e-6)
+    assert out.dtype == np.float32

@@ -1,0 +1,250 @@
+"""Paired views: block-mean downsampling, shared augmentation, colour jitter, ViewSpec guards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from histokd_jax.data import views
+
+LUMA = np.asarray([0.299, 0.587, 0.114])  # Y row of YIQ (BT.601)
+
+
+def np_block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Exact block means, one output pixel per factor x factor block, in float64."""
+    h, w, c = image.shape
+    out = np.zeros((h // factor, w // factor, c), np.float64)
+    for i in range(h // factor):
+        for j in range(w // factor):
+            block = image[i * factor : (i + 1) * factor, j * factor : (j + 1) * factor].astype(np.float64)
+            out[i, j] = block.reshape(-1, c).mean(axis=0)
+    return out
+
+
+DIHEDRAL = {
+    f"rot{k}{'_flip' if flip else ''}": (lambda im, k=k, flip=flip: np.rot90(im[:, ::-1] if flip else im, k))
+    for flip in (False, True)
+    for k in range(4)
+}
+
+
+def which_transform(original: np.ndarray, seen: np.ndarray) -> str:
+    matches = [name for name, fn in DIHEDRAL.items() if np.array_equal(fn(original), seen)]
+    assert len(matches) == 1, matches  # the test pattern is asymmetric: exactly one transform fits
+    return matches[0]
+
+
+def asymmetric_tile(px: int) -> np.ndarray:
+    """A tile whose 8 flips/rotations all differ: coloured marks at two adjacent corners, plus noise."""
+    rng = np.random.default_rng(123)
+    tile = rng.integers(60, 120, size=(px, px, 3), dtype=np.uint8)
+    q = px // 4
+    tile[:q, :q] = (250, 10, 10)  # top-left red
+    tile[:q, -q:] = (10, 250, 10)  # top-right green
+    return tile
+
+
+# ---------------------------------------------------------------- area_downsample
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_area_downsample_uint8_is_rounded_block_mean(factor):
+    image = np.random.default_rng(factor).integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
+    out = views.area_downsample(image, factor)
+    assert out.dtype == np.uint8
+    assert out.shape == (32 // factor, 48 // factor, 3)
+    exact = np_block_mean(image, factor)
+    assert np.max(np.abs(out.astype(np.float64) - exact)) <= 0.5
+    # off the ties (x.5) the rounding is unambiguous
+    not_tie = np.abs(exact - np.floor(exact) - 0.5) > 1e-9
+    np.testing.assert_array_equal(out[not_tie], np.floor(exact[not_tie] + 0.5))
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_area_downsample_float_is_exact_block_mean(factor):
+    image = np.random.default_rng(10 + factor).uniform(size=(16, 24, 3)).astype(np.float32)
+    out = views.area_downsample(image, factor)
+    np.testing.assert_allclose(out, np_block_mean(image, factor), rtol=1e-6, atol=1e-6)
+
+
+def test_area_downsample_hand_example():
+    image = np.asarray([[0, 2, 10, 10], [4, 6, 10, 10]], np.uint8)[..., None]  # 2x4, one channel
+    np.testing.assert_array_equal(views.area_downsample(image, 2)[..., 0], [[3, 10]])
+
+
+def test_area_downsample_factor_one_is_identity():
+    image = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(views.area_downsample(image, 1), image)
+
+
+@pytest.mark.parametrize("shape,factor", [((30, 32, 3), 4), ((32, 30, 3), 4), ((9, 9, 3), 2), ((24, 24, 3), 16)])
+def test_area_downsample_rejects_non_divisible(shape, factor):
+    with pytest.raises(ValueError):
+        views.area_downsample(np.zeros(shape, np.uint8), factor)
+
+
+# ---------------------------------------------------------------- make_views
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4, 8, 16])
+def test_student_view_is_downsample_of_teacher_view(factor):
+    spec = views.ViewSpec(teacher_px=32, downsample=factor, jitter=(0.3, 0.3, 0.3, 0.1))
+    tile = np.random.default_rng(1).integers(0, 256, size=(40, 44, 3), dtype=np.uint8)
+    for seed in range(6):
+        out = views.make_views({"image": tile, "label": 1, "has_label": True}, spec=spec, rng=np.random.default_rng(seed))
+        assert out["teacher_image"].shape == (32, 32, 3) and out["teacher_image"].dtype == np.uint8
+        assert out["student_image"].shape == (32 // factor, 32 // factor, 3)
+        assert out["student_image"].dtype == np.uint8
+        exact = np_block_mean(out["teacher_image"], factor)
+        assert np.max(np.abs(out["student_image"].astype(np.float64) - exact)) <= 0.5
+        np.testing.assert_array_equal(out["student_image"], views.area_downsample(out["teacher_image"], factor))
+
+
+def test_random_crop_lies_inside_the_tile():
+    # with no augmentation the teacher view must be some window of the tile
+    spec = views.ViewSpec(teacher_px=16, downsample=2, flips=False, rot90=False)
+    tile = np.random.default_rng(2).integers(0, 256, size=(24, 20, 3), dtype=np.uint8)
+    offsets = set()
+    for seed in range(30):
+        teacher = views.make_views({"image": tile, "label": 0, "has_label": True}, spec=spec, rng=np.random.default_rng(seed))[
+            "teacher_image"
+        ]
+        found = [(y, x) for y in range(24 - 16 + 1) for x in range(20 - 16 + 1) if np.array_equal(tile[y : y + 16, x : x + 16], teacher)]
+        assert len(found) == 1
+        offsets |= set(found)
+    assert len(offsets) > 1  # the crop position is random
+
+
+def test_eval_view_is_central_crop_unaugmented():
+    spec = views.ViewSpec(teacher_px=32, downsample=4, jitter=(0.4, 0.4, 0.4, 0.2))
+    tile = asymmetric_tile(40)
+    out = views.make_views({"image": tile, "label": 2, "has_label": False}, spec=spec, rng=None)
+    np.testing.assert_array_equal(out["teacher_image"], tile[4:36, 4:36])  # (40 - 32) / 2 = 4
+    np.testing.assert_array_equal(out["student_image"], views.area_downsample(tile[4:36, 4:36], 4))
+    assert out["label"] == 2 and out["label"].dtype == np.int32
+    assert out["has_label"] == np.False_ and out["has_label"].dtype == np.bool_
+
+
+def test_eval_view_odd_margin_crop():
+    spec = views.ViewSpec(teacher_px=8, downsample=2)
+    tile = np.arange(11 * 13 * 3, dtype=np.int64).reshape(11, 13, 3).astype(np.uint8)
+    out = views.make_views({"image": tile, "label": 0, "has_label": True}, spec=spec, rng=None)
+    np.testing.assert_array_equal(out["teacher_image"], tile[1:9, 2:10])  # floor((11-8)/2)=1, floor((13-8)/2)=2
+
+
+def test_both_views_get_the_same_flip_and_rotation():
+    spec = views.ViewSpec(teacher_px=32, downsample=4)  # flips and rot90 on, no colour jitter
+    tile = asymmetric_tile(32)
+    small = views.area_downsample(tile, 4)
+    assert len({name for name, fn in DIHEDRAL.items() if np.array_equal(fn(small), small)}) == 1  # still asymmetric
+    seen = set()
+    for seed in range(200):
+        out = views.make_views({"image": tile, "label": 0, "has_label": True}, spec=spec, rng=np.random.default_rng(seed))
+        name = which_transform(tile, out["teacher_image"])
+        assert which_transform(small, out["student_image"]) == name
+        seen.add(name)
+    assert seen == set(DIHEDRAL)  # all 8 symmetries of the square occur
+
+
+def test_augmentation_flags_are_respected():
+    tile = asymmetric_tile(16)
+    element = {"image": tile, "label": 0, "has_label": True}
+    none = views.ViewSpec(teacher_px=16, downsample=2, flips=False, rot90=False)
+    rot_only = views.ViewSpec(teacher_px=16, downsample=2, flips=False, rot90=True)
+    seen_none, seen_rot = set(), set()
+    for seed in range(60):
+        seen_none.add(which_transform(tile, views.make_views(element, spec=none, rng=np.random.default_rng(seed))["teacher_image"]))
+        seen_rot.add(which_transform(tile, views.make_views(element, spec=rot_only, rng=np.random.default_rng(seed))["teacher_image"]))
+    assert seen_none == {"rot0"}
+    assert seen_rot == {"rot0", "rot1", "rot2", "rot3"}
+
+
+def test_make_views_is_deterministic_given_the_rng_seed():
+    spec = views.ViewSpec(teacher_px=24, downsample=2, jitter=(0.3, 0.3, 0.3, 0.1))
+    tile = np.random.default_rng(3).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    element = {"image": tile, "label": 0, "has_label": True}
+    a = views.make_views(element, spec=spec, rng=np.random.default_rng(7))
+    b = views.make_views(element, spec=spec, rng=np.random.default_rng(7))
+    np.testing.assert_array_equal(a["teacher_image"], b["teacher_image"])
+    outs = [views.make_views(element, spec=spec, rng=np.random.default_rng(s))["teacher_image"] for s in range(5)]
+    assert any(not np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_crop_rejects_small_tiles():
+    spec = views.ViewSpec(teacher_px=32, downsample=2)
+    with pytest.raises(ValueError):
+        views.make_views({"image": np.zeros((30, 40, 3), np.uint8), "label": 0, "has_label": True}, spec=spec, rng=None)
+
+
+# ---------------------------------------------------------------- color_jitter
+
+
+def _greyish(seed, shape=(12, 10, 3)):
+    """Low-saturation colours around mid-grey: no jitter below pushes them out of [0, 1]."""
+    return (0.5 + np.random.default_rng(seed).uniform(-0.1, 0.1, size=shape)).astype(np.float32)
+
+
+def test_color_jitter_zero_strength_is_identity():
+    image = np.random.default_rng(0).uniform(size=(8, 8, 3)).astype(np.float32)
+    out = views.color_jitter(image, np.random.default_rng(0), brightness=0, contrast=0, saturation=0, hue=0)
+    np.testing.assert_array_equal(out, image)
+
+
+def test_hue_rotation_keeps_luma_and_changes_colour():
+    image = _greyish(1)
+    changed = False
+    for seed in range(5):
+        out = views.color_jitter(image, np.random.default_rng(seed), brightness=0, contrast=0, saturation=0, hue=0.5)
+        np.testing.assert_allclose(out @ LUMA, image @ LUMA, atol=1e-5)
+        # the chroma magnitude is kept too (a rotation of the I, Q plane)
+        yiq = np.asarray(views._RGB_TO_YIQ, np.float64)
+        chroma = lambda im: np.hypot(*(im.astype(np.float64) @ yiq[1:].T).transpose(2, 0, 1))  # noqa: E731
+        np.testing.assert_allclose(chroma(out), chroma(image), atol=1e-5)
+        changed |= not np.allclose(out, image, atol=1e-3)
+    assert changed
+
+
+def test_saturation_keeps_per_pixel_luma():
+    image = _greyish(2)
+    out = views.color_jitter(image, np.random.default_rng(3), brightness=0, contrast=0, saturation=0.5, hue=0)
+    np.testing.assert_allclose(out @ LUMA, image @ LUMA, atol=1e-5)
+    assert not np.allclose(out, image, atol=1e-4)
+
+
+def test_contrast_keeps_mean_luma():
+    image = _greyish(4)
+    out = views.color_jitter(image, np.random.default_rng(5), brightness=0, contrast=0.5, saturation=0, hue=0)
+    np.testing.assert_allclose((out @ LUMA).mean(), (image @ LUMA).mean(), atol=1e-5)
+    assert not np.allclose(out, image, atol=1e-4)
+
+
+def test_brightness_scales_every_value_by_one_factor_in_range():
+    image = _greyish(6)
+    out = views.color_jitter(image, np.random.default_rng(7), brightness=0.4, contrast=0, saturation=0, hue=0)
+    ratio = out / image
+    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-5)
+    assert 0.6 <= ratio.flat[0] <= 1.4
+
+
+def test_color_jitter_output_stays_in_unit_range():
+    rng = np.random.default_rng(8)
+    for seed in range(10):
+        image = rng.uniform(size=(6, 6, 3)).astype(np.float32)
+        out = views.color_jitter(image, np.random.default_rng(seed), brightness=0.9, contrast=0.9, saturation=0.9, hue=0.5)
+        assert out.min() >= 0.0 and out.max() <= 1.0
+        assert out.shape == image.shape
+
+
+# ---------------------------------------------------------------- ViewSpec
+
+
+def test_viewspec_guards():
+    with pytest.raises(ValueError):
+        views.ViewSpec(teacher_px=48, downsample=3)
+    with pytest.raises(ValueError):
+        views.ViewSpec(teacher_px=30, downsample=4)
+    with pytest.raises(ValueError):
+        views.ViewSpec(teacher_px=36, downsample=8)
+    spec = views.ViewSpec(teacher_px=32, downsample=8)
+    assert spec.student_px == 4
+    assert views.ViewSpec(teacher_px=30, downsample=2).student_px == 15
