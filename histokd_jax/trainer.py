@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import math
 import pathlib
 import platform
@@ -35,7 +34,12 @@ from histokd_jax.models import ResNetGN, check_groupnorm
 from histokd_jax.optim import make_optimizer
 from histokd_jax.state import abstract_params, create_train_state, init_params
 
-log = logging.getLogger(__name__)
+
+
+def say(message: str) -> None:
+    """A progress message for the person at the terminal (process 0 only, tqdm-safe)."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
 
 RESULT_KEYS = ("role", "input_px", "downsample", "split", "accuracy", "balanced_accuracy", "macro_f1", "gflops_per_image")
 
@@ -133,7 +137,7 @@ def run_stage(
     stage_dir = workdir / stage.role
     result_file = stage_dir / "result.json"
     if result_file.exists():
-        log.info("%s: finished earlier, reusing %s", stage.role, stage_dir)
+        say(f"{stage.role}: finished earlier, reusing {stage_dir}")
         like = abstract_params(stage.model, input_px=stage.input_px)
         best, _ = checkpoint.load_best_params(stage_dir, params_like=like, mesh=mesh)
         return best, json.loads(result_file.read_text())
@@ -158,7 +162,7 @@ def run_stage(
     if manager.latest_step() is not None:
         restored = checkpoint.restore(manager, manager.latest_step(), state_like=state, data_iterator=iterator, mesh=mesh)
         state, best_params, best = restored["state"], restored["best"], restored["meta"]
-        log.info("%s: resuming from step %d", stage.role, int(state.step))
+        say(f"{stage.role}: resuming from step {int(state.step)} of {cfg.steps}")
 
     repl, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     extra = () if stage.teacher_params is None else (stage.teacher_params,)
@@ -219,7 +223,7 @@ def run_stage(
                     config_json=config.to_json(),
                 )
             if stop_now:
-                log.warning("%s: stopped at step %d; run the same command again to resume", stage.role, step)
+                say(f"{stage.role}: stopped at step {step}; run the same command again to resume")
                 return None
     finally:
         bar.close()
@@ -261,10 +265,35 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _teacher_params(config, *, model, input_px, mesh, workdir, trained) -> Any:
-    """The frozen teacher for distillation: a configured checkpoint, this run's teacher, or none."""
-    if trained is not None:
-        return trained
+def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Module, splits: DataSplits,
+                teacher_params: Any = None) -> Stage:
+    """The ``Stage`` for a config stage name: ``"teacher"``, ``"distill"`` or ``"baseline"``."""
+    spec = view_spec(config.data, train=True)
+    if name == "teacher":
+        return Stage(
+            role="teacher", cfg=config.teacher, model=model, image_key="teacher_image", input_px=spec.teacher_px,
+            downsample=1, train_source=splits.train, seed=config.seed,
+            make_step=lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx, image_key="teacher_image"),
+        )
+    if name == "distill":
+        loss = steps.DistillLoss(**config.distill.loss.to_dict())
+        return Stage(
+            role="student_kd", cfg=config.distill, model=model, image_key="student_image", input_px=spec.student_px,
+            downsample=spec.downsample, train_source=TileSource(splits.train.records + splits.unlabeled.records),
+            seed=config.seed + 1, teacher_params=teacher_params,
+            make_step=lambda tx: functools.partial(steps.distill_step, student=model, teacher=model, tx=tx, loss=loss),
+        )
+    # The baseline starts from the distilled student's initialisation (same seed): only the objective
+    # and the labels differ.
+    return Stage(
+        role="student_baseline", cfg=config.baseline, model=model, image_key="student_image",
+        input_px=spec.student_px, downsample=spec.downsample, train_source=splits.train, seed=config.seed + 1,
+        make_step=lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx, image_key="student_image"),
+    )
+
+
+def _teacher_params(config, *, model, input_px, mesh, workdir) -> Any:
+    """The frozen teacher for distillation: ``teacher.checkpoint`` or this workdir's teacher."""
     source = pathlib.Path(config.teacher.checkpoint) if config.teacher.checkpoint else workdir / "teacher"
     like = abstract_params(model, input_px=input_px)
     try:
@@ -296,7 +325,7 @@ def train_and_evaluate(
         raise ValueError(f"config.stages has unknown names {sorted(unknown)}; use teacher, distill, baseline")
     splits = load_splits(config.data, workdir=workdir, config_name=config_name)
     train_spec = view_spec(config.data, train=True)
-    teacher_px, student_px, down = train_spec.teacher_px, train_spec.student_px, train_spec.downsample
+    teacher_px, student_px = train_spec.teacher_px, train_spec.student_px
     model = make_model(config, num_classes=len(splits.class_names))
     check_groupnorm(input_px=teacher_px, widths=config.model.widths, num_groups=config.model.num_groups, role="teacher")
     check_groupnorm(input_px=student_px, widths=config.model.widths, num_groups=config.model.num_groups, role="student")
@@ -306,38 +335,22 @@ def train_and_evaluate(
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         (workdir / "run.json").write_text(json.dumps(_run_metadata(splits, mesh, teacher_px, student_px), indent=2))
 
-    pool = TileSource(splits.train.records + splits.unlabeled.records)
     rows, teacher_params = [], None
     try:
         for name in config.stages:
-            if name == "teacher":
-                stage = Stage("teacher", config.teacher, model, "teacher_image", teacher_px, 1, splits.train,
-                              lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx,
-                                                           image_key="teacher_image"),
-                              seed=config.seed)
-                if config.teacher.checkpoint:
-                    teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh,
-                                                     workdir=workdir, trained=None)
-                    labels, probs = evaluate(teacher_params, splits.test, model=model, image_key="teacher_image",
-                                             spec=view_spec(config.data, train=False), mesh=mesh,
-                                             batch_size=config.train.eval_batch_size)
-                    rows.append(result_row(stage, params=teacher_params, labels=labels, probs=probs))
-                    continue
-            elif name == "distill":
-                teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh,
-                                                 workdir=workdir, trained=teacher_params)
-                loss = steps.DistillLoss(**config.distill.loss.to_dict())
-                stage = Stage("student_kd", config.distill, model, "student_image", student_px, down, pool,
-                              lambda tx: functools.partial(steps.distill_step, student=model, teacher=model, tx=tx,
-                                                           loss=loss),
-                              seed=config.seed + 1, teacher_params=parallel.put_replicated(teacher_params, mesh=mesh))
-            else:
-                # Same initialisation and data order as the distilled student: only the objective differs.
-                stage = Stage("student_baseline", config.baseline, model, "student_image", student_px, down,
-                              splits.train,
-                              lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx,
-                                                           image_key="student_image"),
-                              seed=config.seed + 1)
+            if name == "teacher" and config.teacher.checkpoint:  # a given teacher: evaluate, don't train
+                teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh, workdir=workdir)
+                stage = build_stage("teacher", config=config, model=model, splits=splits)
+                labels, probs = evaluate(teacher_params, splits.test, model=model, image_key=stage.image_key,
+                                         spec=view_spec(config.data, train=False), mesh=mesh,
+                                         batch_size=config.train.eval_batch_size)
+                rows.append(result_row(stage, params=teacher_params, labels=labels, probs=probs))
+                continue
+            if name == "distill" and teacher_params is None:
+                teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh, workdir=workdir)
+            stage = build_stage(name, config=config, model=model, splits=splits,
+                                teacher_params=parallel.put_replicated(teacher_params, mesh=mesh)
+                                if name == "distill" else None)
             out = run_stage(stage, config=config, splits=splits, mesh=mesh, workdir=workdir, writer=writer,
                             should_stop=should_stop)
             if out is None:

@@ -9,7 +9,6 @@ command resumes from the latest checkpoint; finished stages are not redone.
 
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
 import sys
@@ -17,6 +16,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # so configs/ imports from any cwd
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py.")
@@ -27,7 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Unable to initialize backend 'tpu'"
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and jax log every checkpoint at INFO
     import jax
 
     # Reruns (e.g. after a preemption) reuse compiled programs instead of recompiling for minutes.

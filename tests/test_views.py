@@ -248,3 +248,30 @@ def test_viewspec_guards():
     spec = views.ViewSpec(teacher_px=32, downsample=8)
     assert spec.student_px == 4
     assert views.ViewSpec(teacher_px=30, downsample=2).student_px == 15
+
+
+def _jitter_one_by_one(image, rng, brightness, contrast, saturation, hue):
+    """Reference: the four colour operations applied sequentially, as torchvision describes them."""
+    yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    if brightness:
+        image = image * rng.uniform(1 - brightness, 1 + brightness)
+    if contrast:
+        grey = image @ yiq[0]
+        image = (image - grey.mean()) * rng.uniform(1 - contrast, 1 + contrast) + grey.mean()
+    if saturation:
+        grey = (image @ yiq[0])[..., None]
+        image = (image - grey) * rng.uniform(1 - saturation, 1 + saturation) + grey
+    if hue:
+        angle = 2 * np.pi * rng.uniform(-hue, hue)
+        rotate = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+        image = image @ (np.linalg.inv(yiq) @ rotate @ yiq).T
+    return np.clip(image, 0, 1)
+
+
+@pytest.mark.parametrize("strengths", [(0.5, 0.5, 0.5, 0.2), (0.1, 0.0, 0.3, 0.0), (0.0, 0.4, 0.0, 0.1)])
+def test_fused_color_jitter_equals_the_operations_one_by_one(strengths):
+    image = np.random.default_rng(1).random((32, 32, 3)).astype(np.float32)
+    b, c, s, h = strengths
+    expected = _jitter_one_by_one(image.astype(np.float64), np.random.default_rng(5), b, c, s, h)
+    got = views.color_jitter(image, np.random.default_rng(5), brightness=b, contrast=c, saturation=s, hue=h)
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -41,23 +41,32 @@ def color_jitter(
     """Random brightness, contrast, saturation and hue on a float RGB image in [0, 1].
 
     Factors are drawn like torchvision's ColorJitter (``1 + U(-x, x)``; hue as a
-    fraction of a full turn), applied in a fixed order; the hue shift is a rotation
-    in YIQ chroma space, which is cheap and keeps luma.
+    fraction of a full turn) and applied in that order. Each operation is affine
+    in RGB (the hue shift is a rotation in YIQ chroma space, which keeps luma), so
+    they are composed into one 3x3 matrix and offset and applied to the pixels
+    once, then clipped: the same result as applying them one by one, at the cost
+    of a single matrix product.
     """
+    luma = _RGB_TO_YIQ[0]
+    matrix, offset = np.eye(3, dtype=np.float32), np.zeros(3, np.float32)  # pixel row p -> p @ matrix + offset
     if brightness:
-        image = image * rng.uniform(1 - brightness, 1 + brightness)
+        factor = rng.uniform(1 - brightness, 1 + brightness)
+        matrix, offset = matrix * factor, offset * factor
     if contrast:
-        grey = image @ _RGB_TO_YIQ[0]
-        image = (image - grey.mean()) * rng.uniform(1 - contrast, 1 + contrast) + grey.mean()
+        factor = rng.uniform(1 - contrast, 1 + contrast)
+        mean_grey = (image.reshape(-1, 3).mean(0) @ matrix + offset) @ luma
+        matrix, offset = matrix * factor, offset * factor + (1 - factor) * mean_grey
     if saturation:
-        grey = (image @ _RGB_TO_YIQ[0])[..., None]
-        image = (image - grey) * rng.uniform(1 - saturation, 1 + saturation) + grey
+        factor = rng.uniform(1 - saturation, 1 + saturation)
+        to_grey = factor * np.eye(3, dtype=np.float32) + (1 - factor) * np.outer(luma, np.ones(3, np.float32))
+        matrix, offset = matrix @ to_grey, offset @ to_grey
     if hue:
         angle = 2 * np.pi * rng.uniform(-hue, hue)
         cos, sin = np.cos(angle), np.sin(angle)
         rotate = np.array([[1, 0, 0], [0, cos, -sin], [0, sin, cos]], np.float32)
-        image = image @ (_YIQ_TO_RGB @ rotate @ _RGB_TO_YIQ).T
-    return np.clip(image, 0.0, 1.0)
+        shift = (_YIQ_TO_RGB @ rotate @ _RGB_TO_YIQ).T
+        matrix, offset = matrix @ shift, offset @ shift
+    return np.clip(image @ matrix.astype(np.float32) + offset.astype(np.float32), 0.0, 1.0)
 
 
 def crop(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
