@@ -9,6 +9,7 @@ import pytest
 
 from histokd_jax import models
 from histokd_jax.state import count_params
+from tests.helpers import numpy_params
 
 TINY = dict(widths=(8, 16, 16, 32), num_groups=4)
 PAPER_WIDTHS = (32, 64, 128, 256)
@@ -21,27 +22,6 @@ PAPER_WIDTHS = (32, 64, 128, 256)
 #   224: 224 -> 112 -> 56 | 56, 28, 14, 7
 #   30:  30 -> 15 -> 8 | 8, 4, 2, 1
 HAND_STAGE_SIDES = {16: (4, 2, 1, 1), 28: (7, 4, 2, 1), 64: (16, 8, 4, 2), 224: (56, 28, 14, 7), 30: (8, 4, 2, 1)}
-
-
-def numpy_params(model, px, seed):
-    """Parameters drawn with numpy (He-normal kernels, unit GN scales, zero biases).
-
-    jax.random compiles slowly on small CPUs; the shapes still come from the model.
-    """
-    x = jax.ShapeDtypeStruct((1, px, px, 3), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32))
-        if name == "scale":
-            return jnp.ones(leaf.shape, jnp.float32)
-        return jnp.asarray(rng.normal(0.0, 0.1, leaf.shape).astype(np.float32))
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _shapes(model, px, batch=2):

@@ -13,6 +13,7 @@ import pytest
 from histokd_jax import losses, models, steps
 from histokd_jax.optim import make_optimizer
 from histokd_jax.state import create_train_state
+from tests.helpers import numpy_params
 
 CLASSES = 3
 # Two-stage ResNet-GNs keep compilation short; the steps do not depend on the depth.
@@ -24,27 +25,6 @@ STUDENT = models.ResNetGN(num_classes=CLASSES, widths=(8, 16), blocks_per_stage=
 # every weight non-default so each term is checked: T=2, l1, both resizes, CE on
 LOSS = steps.DistillLoss(w_kl=0.7, w_feat=0.3, w_ce=0.5, temperature=2.0, feature_kind="l1", feature_resize="maxpool+bicubic")
 LR, WD = 3e-3, 0.1
-
-
-def numpy_params(model, px, seed):
-    """Parameters drawn with numpy (He-normal kernels, unit GN scales, small random biases).
-
-    jax.random compiles slowly on small CPUs; the shapes still come from the model.
-    """
-    x = jax.ShapeDtypeStruct((1, px, px, 3), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32))
-        if name == "scale":
-            return jnp.ones(leaf.shape, jnp.float32)
-        return jnp.asarray(rng.normal(0.0, 0.1, leaf.shape).astype(np.float32))
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def host_copy(tree):
