@@ -185,7 +185,12 @@ def run_stage(
 
     first = int(state.step)
     bar = tqdm(
-        total=cfg.steps, initial=first, desc=stage.role, unit="step", disable=not (train.progress and writer.enabled)
+        total=cfg.steps,
+        initial=first,
+        desc=stage.role,
+        unit="step",
+        mininterval=0.5,
+        disable=not (train.progress and writer.enabled),
     )
     pending: list[dict] = []
     try:
