@@ -69,6 +69,11 @@ def restore(manager: ocp.CheckpointManager, step: int, *, state_like: Any, data_
     )
 
 
+def load_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The config (as a JSON dict) a checkpoint was saved with."""
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
 def load_best_params(directory: str | pathlib.Path, *, params_like: Any, mesh: Mesh) -> tuple[Any, dict]:
     """The validation-selected parameters of a finished or interrupted stage.
 

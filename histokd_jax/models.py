@@ -94,8 +94,8 @@ class ResNetGN(nn.Module):
 
     ``features`` maps ``"stage1"``...``"stageN"`` to NHWC maps and ``"pooled"``
     to the globally averaged last stage; the last stage feeds the feature loss.
-    Inputs are uint8 or float NHWC images already normalised by the caller
-    (see ``normalize_images``).
+    Inputs are float NHWC images, normalised by the caller with
+    ``normalize_images`` (the step functions do this).
     """
 
     num_classes: int

@@ -49,6 +49,7 @@ class Stage:
     """One model to train: what it sees, what it trains on, and how one step updates it."""
 
     role: str  # "teacher" | "student_kd" | "student_baseline": the folder and the results row
+    section: str  # the config section and stage name: "teacher" | "distill" | "baseline"
     cfg: ml_collections.ConfigDict  # config.teacher / config.distill / config.baseline
     model: nn.Module
     image_key: str  # "teacher_image" or "student_image"
@@ -108,17 +109,23 @@ def make_eval_fn(*, model: nn.Module, image_key: str, mesh) -> Callable:
     )
 
 
-def _flush(pending: list[dict], *, role: str, last_step: int, ckpt_dir: pathlib.Path, latest_saved) -> dict:
-    """Fetch the metrics of the steps since the last flush; stop on a non-finite loss."""
+def _flush(pending: list[dict], *, stage: "Stage", last_step: int, ckpt_dir: pathlib.Path, latest_saved) -> dict:
+    """Fetch the metrics of the steps since the last flush; stop on a non-finite loss or gradient.
+
+    Runs before every checkpoint, so a state whose loss or gradient (hence update)
+    was NaN or Inf is never saved.
+    """
     values = jax.device_get(pending)
-    losses = np.asarray([v["loss"] for v in values])
-    bad = np.flatnonzero(~np.isfinite(losses))
+    health = np.asarray([[v["loss"], v["grad_norm"]] for v in values])
+    bad = np.flatnonzero(~np.isfinite(health).all(axis=1))
     if bad.size:
         step = last_step - len(values) + 1 + int(bad[0])
+        kept = f"the last good checkpoint (step {latest_saved}) is kept in {ckpt_dir}" if latest_saved else (
+            "no checkpoint had been saved yet")
         raise FloatingPointError(
-            f"{role}: the loss became {losses[bad[0]]} at step {step}; training stopped. The last good "
-            f"checkpoint (step {latest_saved}) is kept in {ckpt_dir}: lower the learning rate or check the "
-            "input data, then rerun the same command to resume from it."
+            f"{stage.role}: the loss / gradient norm became {health[bad[0]].tolist()} at step {step}; training "
+            f"stopped and {kept}. Rerun with a lower --config.{stage.section}.optim.learning_rate (the run resumes "
+            "from that checkpoint), or check the input data."
         )
     return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
@@ -160,6 +167,7 @@ def run_stage(
     best_params, best = jax.device_get(state.params), {"metric": -math.inf, "step": 0}
     manager = checkpoint.make_manager(stage_dir / "checkpoints", keep=train.keep_checkpoints)
     if manager.latest_step() is not None:
+        _check_resumable(manager, stage=stage, config=config)
         restored = checkpoint.restore(manager, manager.latest_step(), state_like=state, data_iterator=iterator, mesh=mesh)
         state, best_params, best = restored["state"], restored["best"], restored["meta"]
         say(f"{stage.role}: resuming from step {int(state.step)} of {cfg.steps}")
@@ -206,7 +214,7 @@ def run_stage(
             if not (step % train.log_every_steps == 0 or save_now or stop_now):
                 continue
             means = _flush(
-                pending, role=stage.role, last_step=step, ckpt_dir=manager.directory, latest_saved=manager.latest_step()
+                pending, stage=stage, last_step=step, ckpt_dir=manager.directory, latest_saved=manager.latest_step()
             )
             pending = []
             writer.write(f"{stage.role}/train", step, means)
@@ -243,6 +251,41 @@ def run_stage(
     return best_params, row
 
 
+# Fields that may change between an interrupted run and its resumption without changing the result.
+RESUME_FREE_FIELDS = ("data.root", "teacher.checkpoint", "train.progress", "stages")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flat(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def _check_resumable(manager, *, stage: Stage, config: ml_collections.ConfigDict) -> None:
+    """Refuse to resume a stage whose checkpoint was made with other settings.
+
+    Mixing two configs in one training run (another learning rate, batch size,
+    model, resolution or worker count) would give a model that neither config
+    describes; name the fields instead, so the user reruns with the old values
+    or starts a new workdir.
+    """
+    saved = _flat(checkpoint.load_config(manager, manager.latest_step()))
+    current = _flat(json.loads(config.to_json()))
+    relevant = ("seed", "model.", "data.", f"{stage.section}.")
+    differ = sorted(
+        k for k in set(saved) | set(current)
+        if k.startswith(relevant) and k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k)
+    )
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:8])
+        raise ValueError(
+            f"{stage.role}: the checkpoint in {manager.directory} was made with other settings ({shown}). "
+            "Rerun with the old values to resume, or use a new --workdir."
+        )
+
+
 def result_row(stage: Stage, *, params: Any, labels: np.ndarray, probs: np.ndarray) -> dict:
     return {
         "role": stage.role,
@@ -276,14 +319,14 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
     spec = view_spec(config.data, train=True)
     if name == "teacher":
         return Stage(
-            role="teacher", cfg=config.teacher, model=model, image_key="teacher_image", input_px=spec.teacher_px,
+            role="teacher", section="teacher", cfg=config.teacher, model=model, image_key="teacher_image", input_px=spec.teacher_px,
             downsample=1, train_source=splits.train, seed=config.seed,
             make_step=lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx, image_key="teacher_image"),
         )
     if name == "distill":
         loss = steps.DistillLoss(**config.distill.loss.to_dict())
         return Stage(
-            role="student_kd", cfg=config.distill, model=model, image_key="student_image", input_px=spec.student_px,
+            role="student_kd", section="distill", cfg=config.distill, model=model, image_key="student_image", input_px=spec.student_px,
             downsample=spec.downsample, train_source=TileSource(splits.train.records + splits.unlabeled.records),
             seed=config.seed + 1, teacher_params=teacher_params,
             make_step=lambda tx: functools.partial(steps.distill_step, student=model, teacher=model, tx=tx, loss=loss),
@@ -291,23 +334,29 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
     # The baseline starts from the distilled student's initialisation (same seed): only the objective
     # and the labels differ.
     return Stage(
-        role="student_baseline", cfg=config.baseline, model=model, image_key="student_image",
+        role="student_baseline", section="baseline", cfg=config.baseline, model=model, image_key="student_image",
         input_px=spec.student_px, downsample=spec.downsample, train_source=splits.train, seed=config.seed + 1,
         make_step=lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx, image_key="student_image"),
     )
 
 
-def _teacher_params(config, *, model, input_px, mesh, workdir) -> Any:
-    """The frozen teacher for distillation: ``teacher.checkpoint`` or this workdir's teacher."""
+def _teacher_params(config, *, model, input_px, mesh, workdir, class_names) -> Any:
+    """The frozen teacher for distillation: ``teacher.checkpoint`` or this workdir's finished teacher."""
     source = pathlib.Path(config.teacher.checkpoint) if config.teacher.checkpoint else workdir / "teacher"
-    like = abstract_params(model, input_px=input_px)
-    try:
-        params, _ = checkpoint.load_best_params(source, params_like=like, mesh=mesh)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"distillation needs a teacher: none at {source} ({err}). Add 'teacher' to config.stages "
-            "or set --config.teacher.checkpoint=/path/to/workdir/teacher"
-        ) from err
+    hint = "add 'teacher' to config.stages or set --config.teacher.checkpoint=/path/to/workdir/teacher"
+    if not (source / "result.json").exists():
+        state = "has not finished training" if source.exists() else "does not exist"
+        raise FileNotFoundError(f"distillation needs a finished teacher: {source} {state}; {hint}")
+    run_file = source.parent / "run.json"
+    if run_file.exists():  # the teacher's own run records the data it was trained on
+        run = json.loads(run_file.read_text())
+        names = list(class_names)
+        if run.get("class_names") not in (None, names) or run.get("teacher_px") not in (None, input_px):
+            raise ValueError(
+                f"the teacher at {source} was trained on classes {run.get('class_names')} at "
+                f"{run.get('teacher_px')} px; this config has {names} at {input_px} px"
+            )
+    params, _ = checkpoint.load_best_params(source, params_like=abstract_params(model, input_px=input_px), mesh=mesh)
     return params
 
 
@@ -328,6 +377,7 @@ def train_and_evaluate(
     unknown = set(config.stages) - {"teacher", "distill", "baseline"}
     if unknown:
         raise ValueError(f"config.stages has unknown names {sorted(unknown)}; use teacher, distill, baseline")
+    _validate(config)
     splits = load_splits(config.data, workdir=workdir, config_name=config_name)
     train_spec = view_spec(config.data, train=True)
     teacher_px, student_px = train_spec.teacher_px, train_spec.student_px
@@ -344,7 +394,8 @@ def train_and_evaluate(
     try:
         for name in config.stages:
             if name == "teacher" and config.teacher.checkpoint:  # a given teacher: evaluate, don't train
-                teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh, workdir=workdir)
+                teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh, workdir=workdir,
+                                                 class_names=splits.class_names)
                 stage = build_stage("teacher", config=config, model=model, splits=splits)
                 labels, probs = evaluate(teacher_params, splits.test, model=model, image_key=stage.image_key,
                                          spec=view_spec(config.data, train=False), mesh=mesh,
@@ -352,7 +403,8 @@ def train_and_evaluate(
                 rows.append(result_row(stage, params=teacher_params, labels=labels, probs=probs))
                 continue
             if name == "distill" and teacher_params is None:
-                teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh, workdir=workdir)
+                teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh, workdir=workdir,
+                                                 class_names=splits.class_names)
             stage = build_stage(name, config=config, model=model, splits=splits,
                                 teacher_params=parallel.put_replicated(teacher_params, mesh=mesh)
                                 if name == "distill" else None)
@@ -370,6 +422,20 @@ def train_and_evaluate(
         (workdir / "results.json").write_text(json.dumps(rows, indent=2))
     print(format_table(rows), flush=True)
     return rows
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
+    """Catch settings that would otherwise fail late (after minutes of training)."""
+    allowed = ("accuracy", "balanced_accuracy", "macro_f1")
+    if config.train.select_metric not in allowed:
+        raise ValueError(f"train.select_metric must be one of {allowed}, got {config.train.select_metric!r}")
+    for name in ("log_every_steps", "checkpoint_every_steps"):
+        if config.train[name] <= 0:
+            raise ValueError(f"train.{name} must be positive, got {config.train[name]}")
+    for section in ("teacher", "distill", "baseline"):
+        for name in ("steps", "eval_every_steps", "batch_size"):
+            if config[section][name] <= 0:
+                raise ValueError(f"{section}.{name} must be positive, got {config[section][name]}")
 
 
 def _run_metadata(splits: DataSplits, mesh, teacher_px: int, student_px: int) -> dict:

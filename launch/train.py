@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # so configs/ imports from any cwd
@@ -24,6 +25,27 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _StopOnSignal:
+    """Ctrl-C or SIGTERM (a preemption) -> finish the current step, save a checkpoint, exit.
+
+    A second Ctrl-C interrupts at once (losing the steps since the last checkpoint).
+    """
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)", flush=True)
+
+    def __call__(self, role: str, step: int) -> bool:
+        return self.requested
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -35,7 +57,10 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_compilation_cache_dir", cache)
     from histokd_jax import trainer
 
-    rows = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, config_name=flags.FLAGS["config"].config_filename)
+    stop = _StopOnSignal()
+    rows = trainer.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, should_stop=stop, config_name=flags.FLAGS["config"].config_filename
+    )
     if rows is None:
         sys.exit("stopped before the end; run the same command again to resume")
     print(f"results: {pathlib.Path(_WORKDIR.value) / 'results.json'}")

@@ -103,8 +103,12 @@ def test_default_loss_is_the_self_supervised_setting():
 
 
 @pytest.mark.slow
-def test_distill_trains_student_and_leaves_teacher_untouched(tx, distill, teacher_params, student_params, batch):
-    state = create_train_state(student_params, tx=tx)
+def test_distill_trains_student_and_leaves_teacher_untouched(tx, teacher_params, student_params, batch):
+    # Jitted as the trainer does: the student state is donated, the teacher's parameters are not.
+    distill = jax.jit(
+        functools.partial(steps.distill_step, student=STUDENT, teacher=TEACHER, tx=tx, loss=LOSS), donate_argnums=(0,)
+    )
+    state = create_train_state(jax.tree.map(jnp.copy, student_params), tx=tx)
     teacher_before = host_copy(teacher_params)
     student_before = host_copy(student_params)
 
@@ -112,6 +116,7 @@ def test_distill_trains_student_and_leaves_teacher_untouched(tx, distill, teache
     for _ in range(20):
         state, metrics = distill(state, teacher_params, batch)
         losses_seen.append(float(metrics["loss"]))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(teacher_params))
 
     assert int(state.step) == 20
     assert all(np.isfinite(losses_seen))

@@ -84,7 +84,17 @@ def load_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, confi
     root = data_root(data, workdir=workdir, config_name=config_name)
     names = tuple(data.class_names) or sources.find_class_names(root, split=data.train_split)
     scan = lambda split: sources.TileSource(sources.scan_split(root, split, class_names=names))  # noqa: E731
-    unlabeled = sources.scan_unlabeled(root, folder=data.unlabeled_folder) if data.use_unlabeled else []
+    unlabeled = []
+    if data.use_unlabeled:
+        pool = (root / data.unlabeled_folder).resolve()
+        for split in (data.train_split, data.val_split, data.test_split):
+            labelled = (root / split).resolve()
+            if pool == labelled or pool in labelled.parents or labelled in pool.parents:
+                raise ValueError(
+                    f"data.unlabeled_folder={data.unlabeled_folder!r} overlaps the {split!r} split: evaluation "
+                    "tiles would leak into distillation. Point it at a folder of its own."
+                )
+        unlabeled = sources.scan_unlabeled(root, folder=data.unlabeled_folder)
     return DataSplits(
         class_names=names,
         train=scan(data.train_split),
