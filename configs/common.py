@@ -19,6 +19,12 @@ def optim(*, learning_rate: float = 1e-3, weight_decay: float = 1e-4, warmup_ste
     )
 
 
+def stage(*, steps: int, batch_size: int = 64, eval_every_steps: int = 500) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(steps=steps, batch_size=batch_size, eval_every_steps=eval_every_steps, optim=optim())
+    )
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     c = ml_collections.ConfigDict()
@@ -58,18 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.blocks_per_stage = (1, 1, 1, 1)
     c.model.num_groups = 32
 
-    c.teacher = ml_collections.ConfigDict()
+    # Each stage trains one model: its length, global batch, validation cadence and optimiser.
+    c.teacher = stage(steps=10_000)
     c.teacher.checkpoint = ""  # a finished teacher (a workdir/teacher folder): skip training, distil from it
-    c.teacher.steps = 10_000
-    c.teacher.batch_size = 64
-    c.teacher.eval_every_steps = 500
-    c.teacher.optim = optim()
-
-    c.distill = ml_collections.ConfigDict()
-    c.distill.steps = 20_000
-    c.distill.batch_size = 64
-    c.distill.eval_every_steps = 500
-    c.distill.optim = optim()
+    c.distill = stage(steps=20_000)
     c.distill.loss = ml_collections.ConfigDict()
     c.distill.loss.w_kl = 1.0
     c.distill.loss.w_feat = 1.0
@@ -77,12 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.loss.temperature = 1.0
     c.distill.loss.feature_kind = "l2"  # "l2" | "l1"
     c.distill.loss.feature_resize = "maxpool"  # "maxpool" | "bicubic" | "maxpool+bicubic"
-
-    c.baseline = ml_collections.ConfigDict()
-    c.baseline.steps = 10_000
-    c.baseline.batch_size = 64
-    c.baseline.eval_every_steps = 500
-    c.baseline.optim = optim()
+    c.baseline = stage(steps=10_000)
 
     c.train = ml_collections.ConfigDict()
     c.train.log_every_steps = 50
