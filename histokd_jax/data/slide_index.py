@@ -1,0 +1,162 @@
+"""Tile indexes of whole slides, and a grain source that reads tiles through OpenSlide.
+
+Indexing a slide (resolution, tissue mask, tile grid) costs a thumbnail read;
+its result is cached per slide under ``cache_dir`` (keyed by the file's size,
+mtime and the indexing settings), so reruns and interrupted runs redo nothing.
+A slide that cannot be used (missing, unreadable, unsupported, no resolution,
+no tissue) is skipped with a one-line reason and a row in ``skipped_slides.csv``;
+the rest go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from histokd_jax.data import slides
+from histokd_jax.data.manifest import SlideEntry
+from histokd_jax.data.sources import UNLABELED
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSettings:
+    teacher_mpp: float  # resolution of the teacher view
+    tile_px: int  # side of a tile at the teacher resolution
+    min_tissue: float = 0.5
+    overlap: float = 0.0
+    thumb_mpp: float = 8.0  # resolution of the tissue mask
+
+    @property
+    def tile_um(self) -> float:
+        return self.tile_px * self.teacher_mpp
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideTiles:
+    """The usable tiles of one slide."""
+
+    entry: SlideEntry
+    mpp: float  # level-0 µm/px actually used
+    mpp_source: str
+    coords: np.ndarray  # (N, 2) level-0 top-left (x0, y0)
+    tissue: np.ndarray  # (N,) tissue fraction
+
+
+def _cache_file(entry: SlideEntry, settings: IndexSettings, cache_dir: pathlib.Path) -> pathlib.Path:
+    stat = entry.path.stat()
+    key = json.dumps([str(entry.path.resolve()), stat.st_size, stat.st_mtime_ns, entry.mpp,
+                      dataclasses.asdict(settings)])
+    return cache_dir / f"{entry.path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+
+
+def index_slide(entry: SlideEntry, *, settings: IndexSettings, cache_dir: pathlib.Path) -> SlideTiles:
+    """Tiles of one slide (from the cache when it is there); raises ValueError/OSError with the reason."""
+    if not entry.path.is_file():
+        raise FileNotFoundError(f"slide not found: {entry.path}")
+    cached = _cache_file(entry, settings, cache_dir)
+    if cached.exists():
+        data = np.load(cached)
+        return SlideTiles(entry, float(data["mpp"]), str(data["source"]), data["coords"], data["tissue"])
+    with slides.open_slide(entry.path) as slide:
+        resolution = slides.slide_mpp(slide, override=entry.mpp)
+        if resolution.mpp > settings.teacher_mpp * 1.02:
+            raise ValueError(f"level 0 is {resolution.mpp:.3g} µm/px, coarser than the teacher's {settings.teacher_mpp:.3g}")
+        mask, mask_mpp = slides.tissue_mask(slide, thumb_mpp=settings.thumb_mpp, base_mpp=resolution.mpp)
+        coords, tissue = slides.tile_grid(
+            mask, mask_mpp=mask_mpp, base_mpp=resolution.mpp, slide_dims=slide.dimensions,
+            tile_um=settings.tile_um, min_tissue=settings.min_tissue, overlap=settings.overlap,
+        )
+        slides.save_mask_preview(slide, mask, cached.with_suffix(".mask.png"))
+    if not len(coords):
+        raise ValueError("no tissue tiles (nothing passed the tissue mask and min_tissue)")
+    tmp = cached.with_suffix(".tmp.npz")
+    np.savez(tmp, mpp=resolution.mpp, source=resolution.source, coords=coords, tissue=tissue)
+    os.replace(tmp, cached)  # atomic: an interrupted index never leaves a half file
+    return SlideTiles(entry, resolution.mpp, resolution.source, coords, tissue)
+
+
+def index_slides(
+    entries: Sequence[SlideEntry], *, settings: IndexSettings, cache_dir: str | pathlib.Path, show_progress: bool = True
+) -> tuple[list[SlideTiles], list[tuple[SlideEntry, str]]]:
+    """(usable slides, skipped (entry, reason)); writes ``cache_dir/skipped_slides.csv``."""
+    cache_dir = pathlib.Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    usable, skipped = [], []
+    for entry in tqdm(entries, desc="indexing slides", unit="slide", disable=not show_progress):
+        try:
+            usable.append(index_slide(entry, settings=settings, cache_dir=cache_dir))
+        except (OSError, ValueError) as err:
+            reason = str(err).splitlines()[0]
+            log.warning("skipping slide %s (manifest line %d): %s", entry.path, entry.line, reason)
+            skipped.append((entry, reason))
+    with open(cache_dir / "skipped_slides.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide", "label", "split", "line", "reason"])
+        writer.writerows([e.path, e.label or "", e.split, e.line, r] for e, r in skipped)
+    return usable, skipped
+
+
+class SlideTileSource:
+    """A grain source over slide tiles: ``source[i] -> {image, label, has_label[, student_image]}``.
+
+    ``image`` is the teacher view read at ``teacher_mpp``. With ``student_mpp``
+    the student view is also read from the pyramid at that resolution (the same
+    region), which is what whole-slide inference does; for training the student
+    view is instead the downsample of the augmented teacher crop (data/views.py).
+    Slide handles are opened lazily, once per process, and never pickled.
+    """
+
+    def __init__(self, tiles: Sequence[SlideTiles], *, class_names: Sequence[str], teacher_mpp: float, tile_px: int,
+                 student_mpp: float | None = None):
+        self.paths = [str(t.entry.path) for t in tiles]
+        self.mpps = np.asarray([t.mpp for t in tiles], np.float64)
+        labels = [class_names.index(t.entry.label) if t.entry.label else UNLABELED for t in tiles]
+        counts = [len(t.coords) for t in tiles]
+        self.slide_of = np.repeat(np.arange(len(tiles)), counts).astype(np.int32)
+        self.coords = np.concatenate([t.coords for t in tiles]) if tiles else np.zeros((0, 2), np.int64)
+        self.tile_labels = np.repeat(np.asarray(labels, np.int32), counts)
+        self.teacher_mpp, self.tile_px, self.student_mpp = teacher_mpp, tile_px, student_mpp
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getstate__(self) -> dict:  # worker processes open their own handles
+        return {**self.__dict__, "_handles": {}}
+
+    def _slide(self, index: int):
+        if index not in self._handles:
+            self._handles[index] = slides.open_slide(self.paths[index])
+        return self._handles[index]
+
+    def __getitem__(self, index: int) -> dict:
+        s = int(self.slide_of[index])
+        x0, y0 = (int(v) for v in self.coords[index])
+        read = lambda mpp, px: slides.read_region_at(  # noqa: E731
+            self._slide(s), x0=x0, y0=y0, size_px=px, base_mpp=self.mpps[s], target_mpp=mpp)
+        label = self.tile_labels[index]
+        element = {"image": read(self.teacher_mpp, self.tile_px), "label": np.int32(label),
+                   "has_label": np.bool_(label != UNLABELED)}
+        if self.student_mpp is not None:
+            px = round(self.tile_px * self.teacher_mpp / self.student_mpp)
+            element["student_image"] = read(self.student_mpp, px)
+        return element
+
+    def labels(self) -> np.ndarray:
+        return self.tile_labels
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
