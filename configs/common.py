@@ -33,8 +33,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages = ("teacher", "distill", "baseline")
 
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "folder"  # "folder": root/<split>/<class>/*.png; "synthetic": generated demo tiles
-    c.data.root = ""  # required for "folder"; for "synthetic", empty means workdir/data
+    # "folder": root/<split>/<class>/*.png; "slides": whole slides listed in data.manifest;
+    # "synthetic" / "synthetic_slides": the generated demo tiles / slides.
+    c.data.kind = "folder"
+    c.data.root = ""  # required for "folder"; for the synthetic kinds, empty means under the workdir
+    c.data.manifest = ""  # "slides": CSV slide,label,split[,mpp] (paths relative to the CSV)
+    c.data.min_tissue = 0.5  # "slides": minimum tissue fraction of a tile (Otsu mask on saturation)
+    c.data.tile_overlap = 0.0  # "slides": fraction of a tile shared with its neighbour
     c.data.class_names = ()  # empty: the sorted sub-folders of root/train (this order = label index)
     c.data.train_split = "train"
     c.data.val_split = "val"
@@ -58,6 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.n_unlabeled = 4200
     c.data.n_val = 300
     c.data.n_test = 600
+    # Synthetic slides only (data.kind == "synthetic_slides"): slides of slide_tiles^2 tiles of tile_px.
+    c.data.slides_per_class = 8
+    c.data.n_unlabeled_slides = 24
+    c.data.slide_tiles = 12
 
     c.model = ml_collections.ConfigDict()
     c.model.widths = (32, 64, 128, 256)

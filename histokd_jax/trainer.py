@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from histokd_jax import checkpoint, parallel, steps
 from histokd_jax.data.pipeline import eval_batches, make_train_loader
 from histokd_jax.data.splits import DataSplits, load_splits, view_spec
-from histokd_jax.data.sources import TileSource
 from histokd_jax.metric_writer import MetricWriter
 from histokd_jax.metrics import classification_metrics
 from histokd_jax.models import ResNetGN, check_groupnorm
@@ -55,7 +54,7 @@ class Stage:
     image_key: str  # "teacher_image" or "student_image"
     input_px: int
     downsample: int
-    train_source: TileSource
+    train_source: Any  # a grain random-access source (tile folder or slide tiles)
     make_step: Callable[[Any], Callable]  # tx -> unjitted step(state, [teacher_params,] batch)
     seed: int
     teacher_params: Any = None  # distillation only: the frozen teacher, passed to every step
@@ -82,7 +81,7 @@ def gflops_per_image(model: nn.Module, params: Any, *, input_px: int) -> float:
 
 def evaluate(
     params: Any,
-    source: TileSource,
+    source,
     *,
     model: nn.Module,
     image_key: str,
@@ -327,7 +326,7 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
         loss = steps.DistillLoss(**config.distill.loss.to_dict())
         return Stage(
             role="student_kd", section="distill", cfg=config.distill, model=model, image_key="student_image", input_px=spec.student_px,
-            downsample=spec.downsample, train_source=TileSource(splits.train.records + splits.unlabeled.records),
+            downsample=spec.downsample, train_source=splits.pool,
             seed=config.seed + 1, teacher_params=teacher_params,
             make_step=lambda tx: functools.partial(steps.distill_step, student=model, teacher=model, tx=tx, loss=loss),
         )
@@ -448,12 +447,7 @@ def _run_metadata(splits: DataSplits, mesh, teacher_px: int, student_px: int) ->
         "processes": jax.process_count(),
         "data_root": str(splits.root),
         "class_names": list(splits.class_names),
-        "records": {
-            "train": len(splits.train),
-            "unlabeled": len(splits.unlabeled),
-            "val": len(splits.val),
-            "test": len(splits.test),
-        },
+        "records": splits.counts,
         "teacher_px": teacher_px,
         "student_px": student_px,
     }

@@ -200,3 +200,17 @@ def test_private_dataset_configs_ask_for_their_data_root(tmp_path, name):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+def test_trains_from_synthetic_slides_through_openslide(tmp_path):
+    config = tiny_config("")
+    config.data.kind = "synthetic_slides"
+    config.data.class_names = ("solid", "speckled", "vesicular")
+    config.data.teacher_magnification, config.data.student_magnification, config.data.downsample = "10x", "2.5x", 0
+    config.data.slides_per_class, config.data.n_unlabeled_slides, config.data.slide_tiles = 5, 2, 6
+    rows = trainer.train_and_evaluate(config, tmp_path)
+    assert [r["role"] for r in rows] == ["teacher", "student_kd", "student_baseline"]
+    assert rows[1]["input_px"] == 16 and rows[1]["downsample"] == 4
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["records"]["slides_skipped"] == 0 and run["records"]["unlabeled"] > 0
+    assert len(list((tmp_path / "slide_index").glob("*.mask.png"))) == run["records"]["slides_used"]

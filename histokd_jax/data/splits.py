@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
+from typing import Any
 
 import ml_collections
 
 from histokd_jax.data import sources
+from histokd_jax.data.manifest import read_manifest
 from histokd_jax.data.views import ViewSpec
 from histokd_jax.units import downsample_between
 
 
 @dataclasses.dataclass
 class DataSplits:
+    """Sources of each split; ``pool`` (labelled train + unlabelled) is what distillation reads."""
+
     class_names: tuple[str, ...]
-    train: sources.TileSource  # labelled
-    unlabeled: sources.TileSource  # may be empty
-    val: sources.TileSource
-    test: sources.TileSource
+    train: Any  # labelled
+    pool: Any
+    val: Any
+    test: Any
     root: pathlib.Path
+    counts: dict[str, int]  # tiles per split, for run.json
 
 
 def resolve_downsample(data: ml_collections.ConfigDict) -> int:
@@ -81,6 +87,8 @@ def data_root(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_
 
 
 def load_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_name: str = "this config") -> DataSplits:
+    if data.kind in ("slides", "synthetic_slides"):
+        return load_slide_splits(data, workdir=workdir, config_name=config_name)
     root = data_root(data, workdir=workdir, config_name=config_name)
     names = tuple(data.class_names) or sources.find_class_names(root, split=data.train_split)
     scan = lambda split: sources.TileSource(sources.scan_split(root, split, class_names=names))  # noqa: E731
@@ -95,11 +103,66 @@ def load_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, confi
                     "tiles would leak into distillation. Point it at a folder of its own."
                 )
         unlabeled = sources.scan_unlabeled(root, folder=data.unlabeled_folder)
+    train, val, test = scan(data.train_split), scan(data.val_split), scan(data.test_split)
     return DataSplits(
         class_names=names,
-        train=scan(data.train_split),
-        unlabeled=sources.TileSource(unlabeled),
-        val=scan(data.val_split),
-        test=scan(data.test_split),
+        train=train,
+        pool=sources.TileSource(train.records + unlabeled),
+        val=val,
+        test=test,
         root=root,
+        counts={"train": len(train), "unlabeled": len(unlabeled), "val": len(val), "test": len(test)},
+    )
+
+
+def manifest_path(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_name: str) -> pathlib.Path:
+    """The slide manifest; for the synthetic-slide demo the slides are written there first."""
+    if data.kind == "synthetic_slides":
+        from histokd_jax.data import synthetic_slides
+
+        root = pathlib.Path(data.root) if data.root else workdir / "slides"
+        return synthetic_slides.write_slide_set(
+            root, seed=data.seed, n_per_class=data.slides_per_class, n_unlabeled=data.n_unlabeled_slides,
+            tile_grid=(data.slide_tiles, data.slide_tiles), tile_px=data.tile_px, show_progress=True,
+        )
+    if not data.manifest:
+        raise ValueError(f"{config_name} needs a slide manifest: add --config.data.manifest=/path/to/manifest.csv "
+                         "(columns slide,label,split[,mpp])")
+    return pathlib.Path(data.manifest).expanduser()
+
+
+def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_name: str) -> DataSplits:
+    """Index every slide of the manifest (cached under workdir/slide_index) and build one source per split.
+
+    Bad slides are skipped (see slide_index); training refuses to start only when a
+    split it needs has no usable slide left.
+    """
+    from histokd_jax.data import slide_index, slides
+
+    if not data.class_names:
+        raise ValueError("slide data needs data.class_names (the label order)")
+    names = tuple(data.class_names)
+    path = manifest_path(data, workdir=workdir, config_name=config_name)
+    entries = read_manifest(path, class_names=names)
+    teacher_mpp = slides.parse_target(data.teacher_magnification)
+    settings = slide_index.IndexSettings(teacher_mpp=teacher_mpp, tile_px=data.teacher_px,
+                                         min_tissue=data.min_tissue, overlap=data.tile_overlap)
+    usable, skipped = slide_index.index_slides(entries, settings=settings, cache_dir=workdir / "slide_index")
+    if skipped:
+        logging.getLogger(__name__).warning("%d slide(s) skipped; see %s", len(skipped),
+                                            workdir / "slide_index" / "skipped_slides.csv")
+    labelled = lambda split: [t for t in usable if t.entry.split == split and t.entry.label]  # noqa: E731
+    unlabeled = [t for t in usable if not t.entry.label] if data.use_unlabeled else []
+    missing = [split for split in ("train", "val", "test") if not labelled(split)]
+    if missing:
+        raise ValueError(f"no usable labelled slide left in split(s) {missing} of {path}; "
+                         f"see {workdir / 'slide_index' / 'skipped_slides.csv'}")
+    make = lambda tiles: slide_index.SlideTileSource(  # noqa: E731
+        tiles, class_names=names, teacher_mpp=teacher_mpp, tile_px=data.teacher_px)
+    train, val, test = make(labelled("train")), make(labelled("val")), make(labelled("test"))
+    pool = make(labelled("train") + unlabeled)
+    return DataSplits(
+        class_names=names, train=train, pool=pool, val=val, test=test, root=path.parent,
+        counts={"train": len(train), "unlabeled": len(pool) - len(train), "val": len(val), "test": len(test),
+                "slides_used": len(usable), "slides_skipped": len(skipped)},
     )
