@@ -102,3 +102,26 @@ def test_pyramid_student_view_shows_the_same_tissue(tmp_path, slide_set):
         reference = area_downsample(element["image"], factor).astype(np.float32)
         assert np.abs(element["student_image"].astype(np.float32) - reference).mean() < 6.0
         source.close()
+
+
+def test_a_slide_that_breaks_after_indexing_does_not_end_the_epoch(tmp_path, slide_set, caplog):
+    copies = []
+    for e in slide_set[:2]:
+        target = tmp_path / e.path.name
+        target.write_bytes(e.path.read_bytes())
+        copies.append(entry(target, e.line, label=e.label))
+    usable, _ = slide_index.index_slides(copies, settings=SETTINGS, cache_dir=tmp_path / "cache", show_progress=False)
+    source = slide_index.SlideTileSource(usable, class_names=CLASS_NAMES, teacher_mpp=1.0, tile_px=64)
+    copies[0].path.write_bytes(b"truncated")  # the first slide breaks after indexing
+    first_slide_tiles = int(np.sum(source.slide_of == 0))
+    element = source[0]
+    assert element["image"].shape == (64, 64, 3)
+    assert source.unreadable == {0}
+    # the replacement is the first tile of the second slide, read independently
+    with slides.open_slide(copies[1].path) as slide:
+        x0, y0 = source.coords[first_slide_tiles]
+        expected = slides.read_region_at(slide, x0=int(x0), y0=int(y0), size_px=64, base_mpp=1.0, target_mpp=1.0)
+    np.testing.assert_array_equal(element["image"], expected)
+    assert "became unreadable" in caplog.text
+    # every tile of the epoch is still served
+    assert all(source[i]["image"].shape == (64, 64, 3) for i in range(len(source)))

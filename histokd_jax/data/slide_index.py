@@ -20,6 +20,7 @@ import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+import openslide
 from tqdm.auto import tqdm
 
 from histokd_jax.data import slides
@@ -128,6 +129,7 @@ class SlideTileSource:
         self.tile_labels = np.repeat(np.asarray(labels, np.int32), counts)
         self.teacher_mpp, self.tile_px, self.student_mpp = teacher_mpp, tile_px, student_mpp
         self._handles: dict[int, object] = {}
+        self.unreadable: set[int] = set()  # slides that failed while reading, in this process
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -141,6 +143,24 @@ class SlideTileSource:
         return self._handles[index]
 
     def __getitem__(self, index: int) -> dict:
+        """The record at ``index``; a tile of an unreadable slide is replaced by the next readable one.
+
+        A slide can pass indexing and still fail later (a truncated file, a bad JPEG
+        tile, a lost network mount): one bad slide must not end an epoch, so it is
+        logged once and its tiles are served by the following slides' tiles.
+        """
+        for _ in range(len(self.paths)):
+            while int(self.slide_of[index]) in self.unreadable:
+                index = (index + 1) % len(self)
+            try:
+                return self._read(index)
+            except (OSError, ValueError, openslide.OpenSlideError) as err:
+                s = int(self.slide_of[index])
+                self.unreadable.add(s)
+                log.warning("slide %s became unreadable (%s); its tiles are replaced by others", self.paths[s], err)
+        raise OSError("every slide of this source is unreadable")
+
+    def _read(self, index: int) -> dict:
         s = int(self.slide_of[index])
         x0, y0 = (int(v) for v in self.coords[index])
         read = lambda mpp, px: slides.read_region_at(  # noqa: E731
