@@ -1,6 +1,7 @@
 """Lung adenocarcinoma (LUAD) growth patterns; teacher at 10x, student at 1.25x (64x fewer FLOPs).
 
-The LUAD tiles are private; point the config at your copy (root/<split>/<class>/*.png at 10x):
+The LUAD data are private; point the config at your tiles (root/<split>/<class>/*.png at 10x) or
+at a slide manifest (CSV slide,label,split[,mpp]) with --config.data.manifest=/path/to/manifest.csv:
 
     python launch/train.py --config=configs/luad.py --workdir=/tmp/luad --config.data.root=/path/to/luad_tiles
 """

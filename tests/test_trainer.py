@@ -214,3 +214,21 @@ def test_trains_from_synthetic_slides_through_openslide(tmp_path):
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["records"]["slides_skipped"] == 0 and run["records"]["unlabeled"] > 0
     assert len(list((tmp_path / "slide_index").glob("*.mask.png"))) == run["records"]["slides_used"]
+
+
+@pytest.mark.parametrize("name", ["cd", "luad"])
+def test_private_dataset_configs_take_a_slide_manifest_and_check_its_classes(tmp_path, name):
+    from histokd_jax.data import synthetic_slides
+
+    manifest = synthetic_slides.write_slide_set(tmp_path / "set", seed=0, n_per_class=1, n_unlabeled=0,
+                                                splits={"train": 1.0})
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch/train.py"), f"--config=configs/{name}.py", f"--workdir={tmp_path / 'w'}",
+         f"--config.data.manifest={manifest}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0
+    # The synthetic slides are labelled solid/speckled/vesicular: refused before any compute, every line named.
+    assert "class 'solid' is not among the config's classes" in done.stderr
+    assert "line 2" in done.stderr and "line 4" in done.stderr
+    assert not (tmp_path / "w" / "slide_index").exists()

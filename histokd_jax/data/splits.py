@@ -77,8 +77,9 @@ def data_root(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_
         raise ValueError(f"data.kind must be 'folder' or 'synthetic', got {data.kind!r}")
     if not data.root:
         raise ValueError(
-            f"{config_name} needs the location of its tiles: add --config.data.root=/path/to/tiles "
-            "(laid out as root/<split>/<class>/*.png, optional root/unlabeled/)"
+            f"{config_name} needs its data: add --config.data.root=/path/to/tiles (laid out as "
+            "root/<split>/<class>/*.png, optional root/unlabeled/) or --config.data.manifest=/path/to/manifest.csv "
+            "(whole slides: slide,label,split[,mpp])"
         )
     root = pathlib.Path(data.root).expanduser()
     if not root.is_dir():
@@ -87,8 +88,8 @@ def data_root(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_
 
 
 def load_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_name: str = "this config") -> DataSplits:
-    if data.kind in ("slides", "synthetic_slides"):
-        return load_slide_splits(data, workdir=workdir, config_name=config_name)
+    if data.kind in ("slides", "synthetic_slides") or (data.kind == "folder" and data.manifest):
+        return load_slide_splits(data, workdir=workdir, config_name=config_name)  # a manifest means slides
     root = data_root(data, workdir=workdir, config_name=config_name)
     names = tuple(data.class_names) or sources.find_class_names(root, split=data.train_split)
     scan = lambda split: sources.TileSource(sources.scan_split(root, split, class_names=names))  # noqa: E731
