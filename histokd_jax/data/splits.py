@@ -142,6 +142,8 @@ def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
 
     if not data.class_names:
         raise ValueError("slide data needs data.class_names (the label order)")
+    if not data.teacher_magnification:
+        raise ValueError("slide data needs data.teacher_magnification, e.g. '10x' or a µm/px number like '1.0'")
     names = tuple(data.class_names)
     path = manifest_path(data, workdir=workdir, config_name=config_name)
     entries = read_manifest(path, class_names=names)
