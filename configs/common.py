@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     # "folder": root/<split>/<class>/*.png; "slides": whole slides listed in data.manifest;
+    # "tfds": a TFDS dataset prepared as array_record (configs/crc.py, configs/pcam.py);
     # "synthetic" / "synthetic_slides": the generated demo tiles / slides.
     c.data.kind = "folder"
     c.data.root = ""  # required for "folder"; for the synthetic kinds, empty means under the workdir

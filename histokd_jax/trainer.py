@@ -251,7 +251,7 @@ def run_stage(
 
 
 # Fields that may change between an interrupted run and its resumption without changing the result.
-RESUME_FREE_FIELDS = ("data.root", "teacher.checkpoint", "train.progress", "stages")
+RESUME_FREE_FIELDS = ("data.root", "data.tfds_data_dir", "teacher.checkpoint", "train.progress", "stages")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

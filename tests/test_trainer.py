@@ -232,3 +232,23 @@ def test_private_dataset_configs_take_a_slide_manifest_and_check_its_classes(tmp
     assert "class 'solid' is not among the config's classes" in done.stderr
     assert "line 2" in done.stderr and "line 4" in done.stderr
     assert not (tmp_path / "w" / "slide_index").exists()
+
+
+def test_trains_from_a_tfds_array_record_dataset(tmp_path, data_root):
+    from histokd_jax.data import synthetic, tfds_sources
+
+    config = tiny_config(data_root)
+    # The generated tile folder, turned into an array_record TFDS dataset and read back without TensorFlow.
+    d = config.data
+    synthetic.write_tile_folder(data_root, seed=d.seed, tile_px=d.tile_px, n_train=d.n_train,
+                                n_unlabeled=d.n_unlabeled, n_val=d.n_val, n_test=d.n_test)
+    tfds_sources.build_array_record(data_root, tmp_path / "tfds", name="histokd_tiny", class_names=synthetic.CLASS_NAMES)
+    config.unlock()
+    config.data.kind = "tfds"
+    config.data.tfds_name = "histokd_tiny"
+    config.data.tfds_data_dir = str(tmp_path / "tfds")
+    config.data.class_names = synthetic.CLASS_NAMES
+    config.stages = ("teacher", "distill")
+    rows = trainer.train_and_evaluate(config, tmp_path / "run")
+    assert [r["role"] for r in rows] == ["teacher", "student_kd"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["records"]["test"] == 24

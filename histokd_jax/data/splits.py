@@ -90,6 +90,10 @@ def data_root(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_
 def load_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_name: str = "this config") -> DataSplits:
     if data.kind in ("slides", "synthetic_slides") or (data.kind == "folder" and data.manifest):
         return load_slide_splits(data, workdir=workdir, config_name=config_name)  # a manifest means slides
+    if data.kind == "tfds":  # a TFDS dataset prepared as array_record (read without TensorFlow)
+        from histokd_jax.data import tfds_sources
+
+        return tfds_sources.load_tfds_splits(data, config_name=config_name)
     root = data_root(data, workdir=workdir, config_name=config_name)
     names = tuple(data.class_names) or sources.find_class_names(root, split=data.train_split)
     scan = lambda split: sources.TileSource(sources.scan_split(root, split, class_names=names))  # noqa: E731

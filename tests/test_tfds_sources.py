@@ -1,0 +1,145 @@
+"""TFDS array_record sources: built and read without TensorFlow, and without any network."""
+
+import pickle
+import socket
+import sys
+
+import grain
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from histokd_jax.data import sources, tfds_sources
+from histokd_jax.data.splits import resolve_downsample
+
+CLASSES = ("adipose", "lympho", "tumor")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tile folder of distinct 32 px tiles (one RGBA, one grayscale) and its array_record dataset."""
+    root = tmp_path_factory.mktemp("tiles")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2), ("test", 2)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)).save(root / "train" / "tumor" / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(root / "val" / "lympho" / "grey.png")
+    (root / "unlabeled").mkdir()  # not a labelled split: skipped
+    data_dir = tmp_path_factory.mktemp("tfds")
+    folder = tfds_sources.build_array_record(root, data_dir, name="toy_tiles", class_names=CLASSES)
+    return root, data_dir, folder
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_round_trip_exact_pixels_and_labels(built, split):
+    root, data_dir, folder = built
+    assert folder.is_dir() and any(folder.glob(f"toy_tiles-{split}.array_record*"))
+    ref = sources.TileSource(sources.scan_split(root, split, class_names=CLASSES))
+    got = tfds_sources.tfds_split("toy_tiles", split=split, data_dir=data_dir)
+    assert len(got) == len(ref)
+    key = lambda e: (int(e["label"]), e["image"].tobytes())  # noqa: E731
+    expected = sorted(key(ref[i]) for i in range(len(ref)))
+    assert sorted(key(got[i]) for i in range(len(got))) == expected  # PNG is lossless: exact pixels
+    element = got[0]
+    assert element["image"].dtype == np.uint8 and element["image"].shape == (32, 32, 3)
+    assert element["label"].dtype == np.int32 and element["has_label"]
+    assert sorted(got.labels().tolist()) == sorted(ref.labels().tolist())
+    assert got.labels().dtype == np.int32
+    assert "tensorflow" not in sys.modules
+
+
+def test_grain_reads_the_built_dataset(built):
+    _, data_dir, _ = built
+    source = tfds_sources.tfds_split("toy_tiles", split="train[:50%]", data_dir=data_dir)
+    source = pickle.loads(pickle.dumps(source))  # what grain worker processes receive
+    loader = grain.DataLoader(
+        data_source=source,
+        sampler=grain.samplers.IndexSampler(num_records=len(source), shuffle=False, num_epochs=1, seed=0),
+        worker_count=0,
+    )
+    elements = list(loader)
+    assert len(elements) == len(source) == 5  # TFDS slicing: half of 10 records
+    assert all(e["image"].shape == (32, 32, 3) for e in elements)
+    batch = grain.MapDataset.source(source).batch(5)[0]
+    assert batch["image"].shape == (5, 32, 32, 3) and batch["label"].dtype == np.int32
+
+
+def test_load_tfds_splits_from_a_config(built):
+    _, data_dir, _ = built
+    from histokd_jax.data.splits import DataSplits
+
+    data = ml_collections.ConfigDict(dict(
+        tfds_name="toy_tiles", tfds_data_dir=str(data_dir), class_names=(),
+        train_split="train", val_split="val", test_split="test"))
+    splits = tfds_sources.load_tfds_splits(data)
+    assert isinstance(splits, DataSplits) and splits.class_names == CLASSES
+    assert splits.counts == {"train": 10, "unlabeled": 0, "val": 7, "test": 6}
+    data.class_names = ("a", "b")
+    with pytest.raises(ValueError, match="3 classes"):
+        tfds_sources.load_tfds_splits(data)
+
+
+@pytest.mark.parametrize("name", ["colorectal_histology", "no_such_dataset_xyz"])
+def test_unprepared_dataset_is_a_clear_error_without_download(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as info:
+        tfds_sources.tfds_split(name, split="train[:70%]", data_dir=tmp_path / "tfds")
+    message = str(info.value)
+    assert name in message and str(tmp_path / "tfds") in message and f"tfds build {name}" in message
+    assert "prepare it beforehand" in message
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):  # no data_dir: $TFDS_DATA_DIR
+        tfds_sources.tfds_split(name, split="train")
+    assert not any(tmp_path.rglob("*.array_record*"))  # nothing was downloaded or built
+
+
+def test_unknown_split_is_a_clear_error(built):
+    _, data_dir, _ = built
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        tfds_sources.tfds_split("toy_tiles", split="validation", data_dir=data_dir)
+
+
+def test_tfds_source_over_plain_dicts():
+    grey = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    records = [
+        {"image": grey, "label": 1},
+        {"image": grey[:, :, None], "label": np.int64(0)},
+        {"img": np.zeros((4, 4, 3), np.uint8), "y": 2},
+    ]
+    source = tfds_sources.TfdsSource(records[:2])
+    assert len(source) == 2
+    for i in range(2):
+        element = source[i]
+        assert element["image"].shape == (4, 4, 3) and element["image"].dtype == np.uint8
+        np.testing.assert_array_equal(element["image"][..., 2], grey)
+        assert element["label"].dtype == np.int32 and element["has_label"].dtype == np.bool_ and element["has_label"]
+    np.testing.assert_array_equal(source.labels(), np.array([1, 0], np.int32))
+    other = tfds_sources.TfdsSource(records[2:], image_key="img", label_key="y")
+    assert int(other[0]["label"]) == 2 and other.labels().dtype == np.int32
+
+
+@pytest.mark.parametrize("module", ["crc", "pcam"])
+def test_configs_load_locked_with_a_divisible_teacher_crop(module):
+    import importlib
+
+    config = importlib.import_module(f"configs.{module}").get_config()
+    assert config.is_locked and config.data.kind == "tfds" and config.data.tfds_name
+    factor = resolve_downsample(config.data)
+    assert factor == 4 and config.data.teacher_px % factor == 0
+    with pytest.raises(AttributeError):
+        config.data.not_a_field = 1
+    n_classes = {"crc": 8, "pcam": 2}[module]
+    assert len(config.data.class_names) == n_classes
