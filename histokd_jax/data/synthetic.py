@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from histokd_jax.data.views import area_downsample
+
 __all__ = ["CLASS_NAMES", "render_tile", "write_tile_folder", "contact_sheet"]
 
 CLASS_NAMES: tuple[str, ...] = ("solid", "speckled", "vesicular")
@@ -252,28 +254,28 @@ def write_tile_folder(
     return meta
 
 
-def _check_existing(root: Path, params: dict) -> dict | None:
-    """Return the stored metadata if ``root`` holds a dataset with ``params``."""
+def stored_meta(root: Path, params: dict, *, meta_name: str, what: str, required: tuple[str, ...] = ()) -> dict | None:
+    """The stored metadata if ``root`` holds a generated ``what`` made with ``params``.
+
+    None when ``root`` is absent or empty (generate it). A folder that is not such a
+    set, or one made with other parameters, is an error: never overwrite or mix.
+    """
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         return None
-    meta_path = root / "synthetic.json"
-    if not meta_path.is_file():
-        raise FileExistsError(f"{root} exists, is not empty and has no synthetic.json; refusing to overwrite")
+    meta_path = root / meta_name
+    if not meta_path.is_file() or not all((root / name).is_file() for name in required):
+        raise FileExistsError(f"{root} exists, is not empty and holds no {what} ({meta_name}); refusing to overwrite")
     meta = json.loads(meta_path.read_text())
     old = meta.get("params", {})
     differing = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
     if differing:
         detail = ", ".join(f"{k}: stored {old.get(k)!r} != requested {params.get(k)!r}" for k in differing)
-        raise ValueError(f"{root} holds a synthetic dataset with different parameters ({detail}); "
-                         "use another root or delete it")
+        raise ValueError(f"{root} holds a {what} with different parameters ({detail}); use another root or delete it")
     return meta
 
 
-def _area_downsample(tile: np.ndarray, factor: int) -> np.ndarray:
-    """Area (box) average by an integer factor, as the student input is made."""
-    h, w = (tile.shape[0] // factor) * factor, (tile.shape[1] // factor) * factor
-    x = tile[:h, :w].astype(np.float64).reshape(h // factor, factor, w // factor, factor, -1)
-    return np.rint(x.mean((1, 3))).astype(np.uint8)
+def _check_existing(root: Path, params: dict) -> dict | None:
+    return stored_meta(root, params, meta_name="synthetic.json", what="synthetic dataset")
 
 
 def contact_sheet(root: str | os.PathLike, *, downsample: int = 4, per_class: int = 6) -> Image.Image:
@@ -302,7 +304,8 @@ def contact_sheet(root: str | os.PathLike, *, downsample: int = 4, per_class: in
         draw.text((4, y + cell // 2 - 6), name, fill="black")
         for c, tile in enumerate(tiles):
             hr = Image.fromarray(tile).resize((cell, cell), Image.NEAREST)
-            lr = Image.fromarray(_area_downsample(tile, downsample)).resize((cell, cell), Image.NEAREST)
+            h, w = (tile.shape[0] // downsample) * downsample, (tile.shape[1] // downsample) * downsample
+            lr = Image.fromarray(area_downsample(tile[:h, :w], downsample)).resize((cell, cell), Image.NEAREST)
             sheet.paste(hr, (label_w + c * (cell + pad), y))
             sheet.paste(lr, (lr_x0 + c * (cell + pad), y))
     return sheet

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from histokd_jax.data.synthetic import CLASS_NAMES, _smooth_noise, render_tile
+from histokd_jax.data.synthetic import CLASS_NAMES, _smooth_noise, render_tile, stored_meta
+from histokd_jax.data.views import area_downsample
 
 __all__ = ["render_slide", "write_slide", "write_slide_set", "DEFAULT_SPLITS"]
 
@@ -135,8 +136,7 @@ def write_slide(path: str | os.PathLike, *, label: int | None, seed: int, tile_g
     try:
         with tifffile.TiffWriter(tmp, bigtiff=h * w * 3 > 2**31) as tif:
             for k, f in enumerate(lv):
-                img = level0 if f == 1 else np.rint(
-                    level0.reshape(h // f, f, w // f, f, 3).mean((1, 3), dtype=np.float32)).astype(np.uint8)
+                img = area_downsample(level0, f)
                 res = 1e4 / (mpp * f)  # pixels per centimetre
                 tif.write(img, photometric="rgb", tile=(_TIFF_TILE, _TIFF_TILE), compression="jpeg",
                           compressionargs={"level": int(jpeg_quality), "outcolorspace": "RGB"},
@@ -169,17 +169,9 @@ def _split_counts(n: int, splits: Mapping[str, float]) -> dict[str, int]:
 
 
 def _check_existing(root: Path, params: dict) -> Path | None:
-    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
-        return None
-    meta_path = root / "synthetic_slides.json"
-    if not meta_path.is_file() or not (root / "manifest.csv").is_file():
-        raise FileExistsError(f"{root} exists, is not empty and holds no synthetic slide set; refusing to overwrite")
-    old = json.loads(meta_path.read_text()).get("params", {})
-    differing = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
-    if differing:
-        detail = ", ".join(f"{k}: stored {old.get(k)!r} != requested {params.get(k)!r}" for k in differing)
-        raise ValueError(f"{root} holds a synthetic slide set with different parameters ({detail})")
-    return root / "manifest.csv"
+    meta = stored_meta(root, params, meta_name="synthetic_slides.json", what="synthetic slide set",
+                       required=("manifest.csv",))
+    return None if meta is None else root / "manifest.csv"
 
 
 def write_slide_set(root: str | os.PathLike, *, seed: int, n_per_class: int | Mapping[str, int] = 4,
