@@ -19,6 +19,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from histokd_jax.data.sources import composite_on_white
 from histokd_jax.data.views import area_downsample
 from histokd_jax.units import magnification_to_mpp
 
@@ -118,9 +119,7 @@ def choose_level(
 
 def _rgb(region: Image.Image) -> np.ndarray:
     """RGBA from OpenSlide (alpha 0 outside scanned areas) composited onto white, as uint8 RGB."""
-    rgba = np.asarray(region.convert("RGBA"), np.float32)
-    alpha = rgba[..., 3:] / 255.0
-    return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return composite_on_white(np.asarray(region.convert("RGBA")))
 
 
 def _area_resize_axis(image: np.ndarray, out_n: int, factor: float, axis: int) -> np.ndarray:

@@ -63,6 +63,12 @@ def scan_unlabeled(root: str | pathlib.Path, *, folder: str = "unlabeled") -> li
     return [TileRecord(str(p), UNLABELED) for p in _images_under(path)] if path.is_dir() else []
 
 
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """uint8 RGBA HWC -> uint8 RGB, transparent pixels (e.g. unscanned slide areas) shown as white glass."""
+    alpha = rgba[..., 3:].astype(np.float32) / 255.0
+    return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+
+
 def load_rgb(path: str) -> np.ndarray:
     """Decode an image file to uint8 RGB HWC, compositing any alpha onto white."""
     try:

@@ -39,9 +39,8 @@ def _to_rgb(image) -> np.ndarray:
         raise ValueError(f"expected an HWC image with 1, 3 or 4 channels, got shape {image.shape}")
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
-    elif image.shape[-1] == 4:  # composite alpha onto white, like sources.load_rgb
-        alpha = image[..., 3:].astype(np.float32) / 255.0
-        image = np.rint(image[..., :3] * alpha + 255.0 * (1.0 - alpha))
+    elif image.shape[-1] == 4:
+        image = sources.composite_on_white(image)
     return np.ascontiguousarray(image, dtype=np.uint8)
 
 
