@@ -33,14 +33,13 @@ from histokd_jax.models import ResNetGN, check_groupnorm
 from histokd_jax.optim import make_optimizer
 from histokd_jax.state import abstract_params, create_train_state, init_params
 
+RESULT_KEYS = ("role", "input_px", "downsample", "split", "accuracy", "balanced_accuracy", "macro_f1", "gflops_per_image")
 
 
 def say(message: str) -> None:
     """A progress message for the person at the terminal (process 0 only, tqdm-safe)."""
     if jax.process_index() == 0:
         tqdm.write(message)
-
-RESULT_KEYS = ("role", "input_px", "downsample", "split", "accuracy", "balanced_accuracy", "macro_f1", "gflops_per_image")
 
 
 @dataclasses.dataclass

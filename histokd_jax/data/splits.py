@@ -10,7 +10,7 @@ from typing import Any
 import ml_collections
 
 from histokd_jax.data import sources
-from histokd_jax.data.manifest import read_manifest
+from histokd_jax.data.manifest import SPLITS, read_manifest
 from histokd_jax.data.views import ViewSpec
 from histokd_jax.units import downsample_between
 
@@ -74,7 +74,9 @@ def data_root(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_
         )
         return root
     if data.kind != "folder":
-        raise ValueError(f"data.kind must be 'folder' or 'synthetic', got {data.kind!r}")
+        raise ValueError(
+            f"data.kind must be 'folder', 'slides', 'tfds', 'synthetic' or 'synthetic_slides', got {data.kind!r}"
+        )
     if not data.root:
         raise ValueError(
             f"{config_name} needs its data: add --config.data.root=/path/to/tiles (laid out as "
@@ -158,16 +160,16 @@ def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     if skipped:
         logging.getLogger(__name__).warning("%d slide(s) skipped; see %s", len(skipped),
                                             workdir / "slide_index" / "skipped_slides.csv")
-    labelled = lambda split: [t for t in usable if t.entry.split == split and t.entry.label]  # noqa: E731
+    labelled = {split: [t for t in usable if t.entry.split == split and t.entry.label] for split in SPLITS}
     unlabeled = [t for t in usable if not t.entry.label] if data.use_unlabeled else []
-    missing = [split for split in ("train", "val", "test") if not labelled(split)]
+    missing = [split for split in SPLITS if not labelled[split]]
     if missing:
         raise ValueError(f"no usable labelled slide left in split(s) {missing} of {path}; "
                          f"see {workdir / 'slide_index' / 'skipped_slides.csv'}")
     make = lambda tiles: slide_index.SlideTileSource(  # noqa: E731
         tiles, class_names=names, teacher_mpp=teacher_mpp, tile_px=data.teacher_px)
-    train, val, test = make(labelled("train")), make(labelled("val")), make(labelled("test"))
-    pool = make(labelled("train") + unlabeled)
+    train, val, test = (make(labelled[split]) for split in SPLITS)
+    pool = make(labelled["train"] + unlabeled)
     return DataSplits(
         class_names=names, train=train, pool=pool, val=val, test=test, root=path.parent,
         counts={"train": len(train), "unlabeled": len(pool) - len(train), "val": len(val), "test": len(test),
