@@ -1,8 +1,13 @@
-"""The embedded demo: synthetic H&E-like tiles, teacher at 64 px, student at 16 px (4x downsample).
+"""The embedded demo: synthetic whole slides read through OpenSlide, teacher at 10x (64 px),
+student at 2.5x (16 px, 4x downsample).
 
     python launch/train.py --config=configs/demo.py --workdir=/tmp/histokd-demo
 
-Tiles are generated under ``workdir/data`` from ``data.seed`` (nothing is downloaded).
+Pyramidal TIFF slides (one class each; tiles inherit the slide's label) and unlabelled
+mixed-class slides are written under ``workdir/slides`` from ``data.seed`` with a
+manifest (nothing is downloaded); each slide is indexed once (tissue mask, tile grid
+at 10x) and cached in ``workdir/slide_index``. ``configs/demo_tiles.py`` is the same
+demo from generated tile folders.
 Tiny smoke run: add ``--config.teacher.steps=20 --config.distill.steps=20 --config.baseline.steps=20``.
 """
 
@@ -10,28 +15,18 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from configs import demo_tiles
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = common.get_config(arg)
-    c.data.kind = "synthetic"
-    c.data.tile_px = 64
-    c.data.teacher_px = 64
-    c.data.downsample = 4
-    c.data.jitter = (0.0, 0.0, 0.0, 0.0)  # the generator already varies stain per tile; flips + rot90 stay
-    c.data.workers = 0  # on 2 cores, worker processes cost more (IPC) than they overlap
-    c.data.n_train = 900  # 300 labelled tiles per class
-    c.data.n_unlabeled = 3600
-
-    for stage in ("teacher", "distill", "baseline"):
-        c[stage].steps = 1000
-        c[stage].batch_size = 32 if stage == "teacher" else 64
-        c[stage].eval_every_steps = 250
-        c[stage].optim.learning_rate = 3e-3 if stage == "teacher" else 1e-3
-        c[stage].optim.warmup_steps = 50
-        c[stage].optim.weight_decay = 5e-2
-    c.train.log_every_steps = 25
-    c.train.checkpoint_every_steps = 250
+    c = demo_tiles.get_config(arg)
+    c.unlock()
+    c.data.kind = "synthetic_slides"
+    c.data.class_names = ("solid", "speckled", "vesicular")
+    c.data.teacher_magnification = "10x"  # the synthetic slides are scanned at 1 µm/px
+    c.data.student_magnification = "2.5x"
+    c.data.downsample = 0  # derived from the magnifications: 4
+    c.data.slides_per_class = 10  # 6 train, 2 validation, 2 test slides per class
+    c.data.n_unlabeled_slides = 24
     c.lock()
     return c

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from histokd_jax import steps, trainer
-from tests.tiny import TINY_FLAGS, tiny_config
+from tests.tiny import TINY_FLAGS, TINY_SLIDE_FLAGS, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -33,9 +33,10 @@ def final_params(stage_dir: pathlib.Path) -> dict:
     return restored["state"]["params"]
 
 
-def launch(workdir: pathlib.Path, *extra: str, devices: int = 1) -> subprocess.CompletedProcess:
+def launch(workdir: pathlib.Path, *extra: str, devices: int = 1,
+           config: str = "configs/demo_tiles.py") -> subprocess.CompletedProcess:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, str(REPO / "launch/train.py"), "--config=configs/demo.py", f"--workdir={workdir}",
+    cmd = [sys.executable, str(REPO / "launch/train.py"), f"--config={config}", f"--workdir={workdir}",
            *TINY_FLAGS, *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -202,18 +203,18 @@ def test_private_dataset_configs_ask_for_their_data_root(tmp_path, name):
     assert missing.returncode != 0 and "does not exist" in missing.stderr
 
 
-def test_trains_from_synthetic_slides_through_openslide(tmp_path):
-    config = tiny_config("")
-    config.data.kind = "synthetic_slides"
-    config.data.class_names = ("solid", "speckled", "vesicular")
-    config.data.teacher_magnification, config.data.student_magnification, config.data.downsample = "10x", "2.5x", 0
-    config.data.slides_per_class, config.data.n_unlabeled_slides, config.data.slide_tiles = 5, 2, 6
-    rows = trainer.train_and_evaluate(config, tmp_path)
+def test_the_demo_config_trains_from_synthetic_slides_through_openslide(tmp_path):
+    done = launch(tmp_path, *TINY_SLIDE_FLAGS, config="configs/demo.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["role"] for r in rows] == ["teacher", "student_kd", "student_baseline"]
-    assert rows[1]["input_px"] == 16 and rows[1]["downsample"] == 4
+    assert rows[0]["input_px"] == 64 and rows[1]["input_px"] == 16 and rows[1]["downsample"] == 4
+    assert "teacher / student FLOPs" in done.stdout
     run = json.loads((tmp_path / "run.json").read_text())
-    assert run["records"]["slides_skipped"] == 0 and run["records"]["unlabeled"] > 0
+    assert run["records"]["slides_used"] == 3 * 5 + 2 and run["records"]["slides_skipped"] == 0
+    assert run["records"]["unlabeled"] > 0 and run["records"]["test"] > 0
     assert len(list((tmp_path / "slide_index").glob("*.mask.png"))) == run["records"]["slides_used"]
+    assert len(list((tmp_path / "slides" / "slides").glob("*.tiff"))) == 3 * 5 + 2
 
 
 @pytest.mark.parametrize("name", ["cd", "luad"])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import demo
+from configs import demo_tiles
 
-# The same settings as command-line overrides of configs/demo.py, for launch/train.py runs.
+# The same settings as command-line overrides of configs/demo_tiles.py (or configs/demo.py), for
+# launch/train.py runs.
 TINY_FLAGS = [
     "--config.data.n_train=48",
     "--config.data.n_unlabeled=48",
@@ -28,11 +29,17 @@ TINY_FLAGS = [
     "--config.train.checkpoint_every_steps=2",
     "--config.train.progress=False",
 ]
+# With configs/demo.py (synthetic slides): few, small slides (5 per class: 3 train, 1 val, 1 test).
+TINY_SLIDE_FLAGS = [
+    "--config.data.slides_per_class=5",
+    "--config.data.n_unlabeled_slides=2",
+    "--config.data.slide_tiles=6",
+]
 
 
 def tiny_config(data_root: str = "") -> ml_collections.ConfigDict:
-    """configs/demo.py with every TINY_FLAGS override applied."""
-    config = demo.get_config()
+    """configs/demo_tiles.py with every TINY_FLAGS override applied."""
+    config = demo_tiles.get_config()
     for flag in TINY_FLAGS:
         path, value = flag.removeprefix("--config.").split("=", 1)
         *parents, leaf = path.split(".")
