@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # Stages run in this order; "distill" needs a teacher (from this workdir or teacher.checkpoint).
+    # Stages run in this order; "distill" needs a teacher (from this workdir or teacher.checkpoint);
+    # "control" (synthetic data only) is the student trained with the pool's true labels.
     c.stages = ("teacher", "distill", "baseline")
 
     c.data = ml_collections.ConfigDict()
@@ -47,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.test_split = "test"
     c.data.unlabeled_folder = "unlabeled"  # root/<this>/**/*.png, used by distillation only
     c.data.use_unlabeled = True  # distil on train + unlabelled pool (the paper's self-supervised setting)
+    c.data.unlabeled_fraction = 1.0  # share of the unlabelled pool used (a seeded subset; the sweep grows it)
     c.data.teacher_px = 224  # side of the teacher crop, in pixels at the teacher resolution
     # Teacher and student resolution; downsample = ratio of the two. Magnification strings use the
     # heuristic mpp = 10 / power. Set downsample directly (2, 4, 8, 16) when magnifications are "".
@@ -86,6 +88,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.loss.feature_kind = "l2"  # "l2" | "l1"
     c.distill.loss.feature_resize = "maxpool"  # "maxpool" | "bicubic" | "maxpool+bicubic"
     c.baseline = stage(steps=10_000)
+    # Synthetic data only: the student trained on the whole pool with its true labels (the sweep's ceiling).
+    c.control = stage(steps=10_000)
+
+    # launch/sweep.py: one teacher, then a distilled student and a label-only baseline per factor.
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.factors = (2, 4, 8, 16)
+    c.sweep.unlabeled_fractions = (1.0,)  # e.g. (0.0, 0.25, 1.0): distillation with a growing unlabelled pool
+    c.sweep.control = False  # also train the "control" stage per factor (needs the pool's true labels)
+    c.sweep.measure_batch_size = 64  # batch of the images/s measurement
 
     c.train = ml_collections.ConfigDict()
     c.train.log_every_steps = 50
@@ -94,4 +105,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 128
     c.train.select_metric = "balanced_accuracy"  # validation metric that picks the best parameters
     c.train.progress = True
+    # At the end of a run: report.md/report.json + plots (bootstrap CIs), sweep.md (the resolution table with
+    # measured images/s) and, for slide data, student heatmaps of the first `heatmap_slides` test slides.
+    c.train.final_report = True
+    c.train.bootstrap = 1000
+    c.train.heatmap_slides = 0
     return c

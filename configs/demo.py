@@ -28,5 +28,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.downsample = 0  # derived from the magnifications: 4
     c.data.slides_per_class = 10  # 6 train, 2 validation, 2 test slides per class
     c.data.n_unlabeled_slides = 24
+    c.train.heatmap_slides = 1  # end with the distilled student's heatmap of one test slide
     c.lock()
     return c

@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.n_train = 900  # 300 labelled tiles per class
     c.data.n_unlabeled = 3600
 
-    for stage in ("teacher", "distill", "baseline"):
+    for stage in ("teacher", "distill", "baseline", "control"):
         c[stage].steps = 1000
         c[stage].batch_size = 32 if stage == "teacher" else 64
         c[stage].eval_every_steps = 250

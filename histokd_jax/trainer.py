@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from histokd_jax import checkpoint, parallel, steps
+from histokd_jax import checkpoint, parallel, report, steps
 from histokd_jax.data.pipeline import eval_batches, make_train_loader
 from histokd_jax.data.splits import DataSplits, load_splits, view_spec
 from histokd_jax.metric_writer import MetricWriter
@@ -33,6 +33,7 @@ from histokd_jax.models import ResNetGN, check_groupnorm
 from histokd_jax.optim import make_optimizer
 from histokd_jax.state import abstract_params, create_train_state, init_params
 
+STAGE_NAMES = ("teacher", "distill", "baseline", "control")
 RESULT_KEYS = ("role", "input_px", "downsample", "split", "accuracy", "balanced_accuracy", "macro_f1", "gflops_per_image")
 
 
@@ -46,9 +47,9 @@ def say(message: str) -> None:
 class Stage:
     """One model to train: what it sees, what it trains on, and how one step updates it."""
 
-    role: str  # "teacher" | "student_kd" | "student_baseline": the folder and the results row
-    section: str  # the config section and stage name: "teacher" | "distill" | "baseline"
-    cfg: ml_collections.ConfigDict  # config.teacher / config.distill / config.baseline
+    role: str  # "teacher" | "student_kd" | "student_baseline" | "student_control": the folder and results row
+    section: str  # the config section and stage name: "teacher" | "distill" | "baseline" | "control"
+    cfg: ml_collections.ConfigDict  # config.teacher / config.distill / config.baseline / config.control
     model: nn.Module
     image_key: str  # "teacher_image" or "student_image"
     input_px: int
@@ -244,9 +245,18 @@ def run_stage(
     labels, probs = run_eval(best_params, splits.test)
     row = result_row(stage, params=best_params, labels=labels, probs=probs)
     row.update(best_val_step=best["step"], best_val_metric=best["metric"])
-    if writer.enabled:
+    if writer.enabled:  # predictions first: result.json marks the stage finished
+        save_test_predictions(stage_dir, labels=labels, probs=probs, splits=splits)
         result_file.write_text(json.dumps(row, indent=2))
     return best_params, row
+
+
+def save_test_predictions(stage_dir: pathlib.Path, *, labels: np.ndarray, probs: np.ndarray,
+                          splits: DataSplits) -> None:
+    """The final model's test predictions, for launch/evaluate.py (with each tile's slide, if any)."""
+    source = splits.test
+    slides = np.asarray(source.paths)[source.slide_of] if hasattr(source, "slide_of") else None
+    report.save_predictions(stage_dir, labels=labels, probs=probs, class_names=splits.class_names, slides=slides)
 
 
 # Fields that may change between an interrupted run and its resumption without changing the result.
@@ -313,7 +323,7 @@ def format_table(rows: list[dict]) -> str:
 
 def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Module, splits: DataSplits,
                 teacher_params: Any = None) -> Stage:
-    """The ``Stage`` for a config stage name: ``"teacher"``, ``"distill"`` or ``"baseline"``."""
+    """The ``Stage`` for a config stage name: ``"teacher"``, ``"distill"``, ``"baseline"`` or ``"control"``."""
     spec = view_spec(config.data, train=True)
     if name == "teacher":
         return Stage(
@@ -328,6 +338,15 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
             downsample=spec.downsample, train_source=splits.pool,
             seed=config.seed + 1, teacher_params=teacher_params,
             make_step=lambda tx: functools.partial(steps.distill_step, student=model, teacher=model, tx=tx, loss=loss),
+        )
+    if name == "control":  # the ceiling: the student trained on the whole pool with its true labels
+        if splits.pool_truth is None:
+            raise ValueError("the 'control' stage needs true labels for the whole pool; only the synthetic demo "
+                             "data (data.kind 'synthetic' or 'synthetic_slides') has them")
+        return Stage(
+            role="student_control", section="control", cfg=config.control, model=model, image_key="student_image",
+            input_px=spec.student_px, downsample=spec.downsample, train_source=splits.pool_truth, seed=config.seed + 1,
+            make_step=lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx, image_key="student_image"),
         )
     # The baseline starts from the distilled student's initialisation (same seed): only the objective
     # and the labels differ.
@@ -372,9 +391,9 @@ def train_and_evaluate(
     """
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    unknown = set(config.stages) - {"teacher", "distill", "baseline"}
+    unknown = set(config.stages) - set(STAGE_NAMES)
     if unknown:
-        raise ValueError(f"config.stages has unknown names {sorted(unknown)}; use teacher, distill, baseline")
+        raise ValueError(f"config.stages has unknown names {sorted(unknown)}; use {', '.join(STAGE_NAMES)}")
     _validate(config)
     splits = load_splits(config.data, workdir=workdir, config_name=config_name)
     train_spec = view_spec(config.data, train=True)
@@ -399,6 +418,8 @@ def train_and_evaluate(
                                          spec=view_spec(config.data, train=False), mesh=mesh,
                                          batch_size=config.train.eval_batch_size)
                 rows.append(result_row(stage, params=teacher_params, labels=labels, probs=probs))
+                if writer.enabled and not (workdir / "teacher" / "checkpoints").exists():
+                    save_test_predictions(workdir / "teacher", labels=labels, probs=probs, splits=splits)
                 continue
             if name == "distill" and teacher_params is None:
                 teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh, workdir=workdir,
@@ -419,7 +440,30 @@ def train_and_evaluate(
     if writer.enabled:
         (workdir / "results.json").write_text(json.dumps(rows, indent=2))
     print(format_table(rows), flush=True)
+    if writer.enabled and config.train.final_report:
+        finish_run(config, workdir, splits=splits)
     return rows
+
+
+def finish_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, splits: DataSplits) -> None:
+    """What a person looks at after a run: the evaluation report (CIs, ROC and confusion plots), the
+    resolution table with measured images/s, and heatmaps of the first ``train.heatmap_slides`` test slides."""
+    from histokd_jax import inference, sweep  # plotting and slide inference: only at the end
+
+    say("writing the evaluation report and the resolution table")
+    report.write_report(workdir, n_boot=config.train.bootstrap)
+    sweep.write_table(workdir, n_boot=config.train.bootstrap, batch_size=config.sweep.measure_batch_size)
+    print((workdir / "sweep.md").read_text().split("\n\n", 2)[-1], flush=True)
+    test_slides = list(dict.fromkeys(getattr(splits.test, "paths", [])))[: config.train.heatmap_slides]
+    if test_slides and (workdir / "student_kd" / "result.json").exists():
+        predictor = inference.load_predictor(workdir, model="student")
+        summaries, _ = inference.predict_slides([(pathlib.Path(p), None, None) for p in test_slides],
+                                                predictor=predictor, out_dir=workdir / "predictions",
+                                                min_tissue=config.data.min_tissue, show_progress=False)
+        for s in summaries:
+            say(f"student heatmap: {workdir / 'predictions' / pathlib.Path(s['slide']).stem}.heatmap.png "
+                f"(predicted {s['predicted']}, {s['tiles']} tiles at {s['tiles_per_s']:.0f} tiles/s)")
+    say(f"report: {workdir / 'report.md'}; table: {workdir / 'sweep.md'}; figures: {workdir / 'plots'}")
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
@@ -430,7 +474,7 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     for name in ("log_every_steps", "checkpoint_every_steps"):
         if config.train[name] <= 0:
             raise ValueError(f"train.{name} must be positive, got {config.train[name]}")
-    for section in ("teacher", "distill", "baseline"):
+    for section in STAGE_NAMES:
         for name in ("steps", "eval_every_steps", "batch_size"):
             if config[section][name] <= 0:
                 raise ValueError(f"{section}.{name} must be positive, got {config[section][name]}")

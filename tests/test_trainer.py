@@ -204,8 +204,17 @@ def test_private_dataset_configs_ask_for_their_data_root(tmp_path, name):
 
 
 def test_the_demo_config_trains_from_synthetic_slides_through_openslide(tmp_path):
-    done = launch(tmp_path, *TINY_SLIDE_FLAGS, config="configs/demo.py")
+    done = launch(tmp_path, *TINY_SLIDE_FLAGS, "--config.train.final_report=True", "--config.train.bootstrap=50",
+                  config="configs/demo.py")
     assert done.returncode == 0, done.stderr[-3000:]
+    # the demo ends with the evaluation report, the resolution table and a student heatmap of a test slide
+    assert "| student_kd |" in (tmp_path / "report.md").read_text()
+    table = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["model"] for r in table] == ["teacher", "student_kd", "student_baseline"]
+    assert table[1]["flop_ratio"] > 10 and table[1]["images_per_s"] > 0 and table[1]["magnification"] == 2.5
+    assert "| student_kd |" in done.stdout
+    heatmaps = list((tmp_path / "predictions").glob("*.heatmap.png"))
+    assert len(heatmaps) == 1 and (tmp_path / "predictions" / heatmaps[0].name.replace(".heatmap.png", ".geojson")).exists()
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["role"] for r in rows] == ["teacher", "student_kd", "student_baseline"]
     assert rows[0]["input_px"] == 64 and rows[1]["input_px"] == 16 and rows[1]["downsample"] == 4

@@ -28,6 +28,7 @@ TINY_FLAGS = [
     "--config.train.log_every_steps=1",
     "--config.train.checkpoint_every_steps=2",
     "--config.train.progress=False",
+    "--config.train.final_report=False",
 ]
 # With configs/demo.py (synthetic slides): few, small slides (5 per class: 3 train, 1 val, 1 test).
 TINY_SLIDE_FLAGS = [

@@ -149,17 +149,25 @@ def _read_resized(slide, level: int, factor: float, *, x0: int, y0: int, out_w: 
     return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 
+def read_level_region(slide, level: int, factor: float, *, x0: int, y0: int, out_w: int, out_h: int) -> np.ndarray:
+    """uint8 RGB (out_h, out_w, 3): the level-0 rectangle at (x0, y0) read from ``level`` and area-resized by
+    ``factor`` (from ``choose_level``): whole strips of tiles in one read, for inference."""
+    return _read_resized(slide, level, factor, x0=int(x0), y0=int(y0), out_w=out_w, out_h=out_h)
+
+
 def read_region_at(slide, *, x0: int, y0: int, size_px: int, base_mpp: float, target_mpp: float) -> np.ndarray:
     """uint8 RGB (size_px, size_px, 3) at ``target_mpp`` of the square whose top-left is level-0 (x0, y0)."""
     level, factor = choose_level(slide.level_downsamples, base_mpp=base_mpp, target_mpp=target_mpp)
     return _read_resized(slide, level, factor, x0=int(x0), y0=int(y0), out_w=size_px, out_h=size_px)
 
 
-def read_thumbnail(slide, *, base_mpp: float, target_mpp: float) -> tuple[np.ndarray, float]:
+def read_thumbnail(slide, *, base_mpp: float, target_mpp: float,
+                   max_pixels: int = 1 << 24) -> tuple[np.ndarray, float]:
     """The whole slide as uint8 RGB at about ``target_mpp``, and its exact µm/px.
 
     The factor after the chosen level is rounded to an integer (a cheap exact block
     mean even for a large level); the returned µm/px is the one really obtained.
+    It is read in bands of at most ``max_pixels`` level pixels: bounded memory on any slide.
     """
     target_mpp = max(target_mpp, base_mpp)
     level, factor = choose_level(slide.level_downsamples, base_mpp=base_mpp, target_mpp=target_mpp)
@@ -167,7 +175,12 @@ def read_thumbnail(slide, *, base_mpp: float, target_mpp: float) -> tuple[np.nda
     mpp = base_mpp * slide.level_downsamples[level] * factor
     width, height = slide.dimensions
     out_w, out_h = max(1, int(width * base_mpp / mpp)), max(1, int(height * base_mpp / mpp))
-    return _read_resized(slide, level, factor, x0=0, y0=0, out_w=out_w, out_h=out_h), mpp
+    # in bands of output rows, so a single-level slide is never held whole at level 0
+    rows = max(1, int(max_pixels // (out_w * factor * factor)))
+    step = rows * factor * slide.level_downsamples[level]  # level-0 px per band
+    bands = [_read_resized(slide, level, factor, x0=0, y0=int(round(i * step)), out_w=out_w,
+                           out_h=min(rows, out_h - i * rows)) for i in range(math.ceil(out_h / rows))]
+    return np.concatenate(bands), mpp
 
 
 def otsu_threshold(values: np.ndarray) -> int:

@@ -104,3 +104,52 @@ class TileSource:
 
     def __repr__(self) -> str:
         return f"TileSource({len(self)} records)"
+
+
+class SubsetSource:
+    """Records ``indices`` of another source, in that order (a smaller unlabelled pool)."""
+
+    def __init__(self, source, indices: Sequence[int]):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source[int(self.indices[index])]
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.source.labels())[self.indices]
+
+
+class RelabelledSource:
+    """Another source with every record's label replaced: the unlabelled pool with its true classes,
+    for the low-resolution control that distillation is measured against."""
+
+    def __init__(self, source, labels: np.ndarray):
+        if len(labels) != len(source):
+            raise ValueError(f"{len(labels)} labels for a source of {len(source)} records")
+        self.source, self._labels = source, np.asarray(labels, np.int32)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        label = self._labels[index]
+        return {**self.source[index], "label": np.int32(label), "has_label": np.bool_(label != UNLABELED)}
+
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+
+def pool_subset(pool, *, n_labelled: int, fraction: float, seed: int):
+    """The pool with only ``fraction`` of its unlabelled records (which follow the ``n_labelled``
+    labelled ones), chosen by ``seed``; the same seed gives nested subsets for growing fractions."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"data.unlabeled_fraction must be in [0, 1], got {fraction}")
+    if fraction == 1.0:
+        return pool
+    n_unlabeled = len(pool) - n_labelled
+    order = np.random.default_rng(seed).permutation(n_unlabeled)
+    keep = np.sort(order[: int(round(fraction * n_unlabeled))]) + n_labelled
+    return SubsetSource(pool, np.concatenate([np.arange(n_labelled), keep]))

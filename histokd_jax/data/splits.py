@@ -26,6 +26,7 @@ class DataSplits:
     test: Any
     root: pathlib.Path
     counts: dict[str, int]  # tiles per split, for run.json
+    pool_truth: Any = None  # the pool with true labels for every record, where the data knows them (synthetic)
 
 
 def resolve_downsample(data: ml_collections.ConfigDict) -> int:
@@ -111,14 +112,18 @@ def load_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, confi
                 )
         unlabeled = sources.scan_unlabeled(root, folder=data.unlabeled_folder)
     train, val, test = scan(data.train_split), scan(data.val_split), scan(data.test_split)
+    full_pool = sources.TileSource(train.records + unlabeled)
+    pool, pool_truth = _pools(data, full_pool, n_labelled=len(train),
+                              truth=_synthetic_tile_truth(root, train, unlabeled, names) if data.kind == "synthetic" else None)
     return DataSplits(
         class_names=names,
         train=train,
-        pool=sources.TileSource(train.records + unlabeled),
+        pool=pool,
+        pool_truth=pool_truth,
         val=val,
         test=test,
         root=root,
-        counts={"train": len(train), "unlabeled": len(unlabeled), "val": len(val), "test": len(test)},
+        counts={"train": len(train), "unlabeled": len(pool) - len(train), "val": len(val), "test": len(test)},
     )
 
 
@@ -169,9 +174,52 @@ def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     make = lambda tiles: slide_index.SlideTileSource(  # noqa: E731
         tiles, class_names=names, teacher_mpp=teacher_mpp, tile_px=data.teacher_px)
     train, val, test = (make(labelled[split]) for split in SPLITS)
-    pool = make(labelled["train"] + unlabeled)
+    full_pool = make(labelled["train"] + unlabeled)
+    truth = _synthetic_slide_truth(path.parent, full_pool, names) if data.kind == "synthetic_slides" else None
+    pool, pool_truth = _pools(data, full_pool, n_labelled=len(train), truth=truth)
     return DataSplits(
-        class_names=names, train=train, pool=pool, val=val, test=test, root=path.parent,
+        class_names=names, train=train, pool=pool, pool_truth=pool_truth, val=val, test=test, root=path.parent,
         counts={"train": len(train), "unlabeled": len(pool) - len(train), "val": len(val), "test": len(test),
                 "slides_used": len(usable), "slides_skipped": len(skipped)},
     )
+
+
+def _pools(data: ml_collections.ConfigDict, full_pool, *, n_labelled: int, truth) -> tuple[Any, Any]:
+    """(distillation pool, the same pool with true labels or None), keeping ``data.unlabeled_fraction``
+    of the unlabelled records (a seeded choice, nested as the fraction grows)."""
+    keep = lambda source: sources.pool_subset(source, n_labelled=n_labelled,  # noqa: E731
+                                              fraction=float(data.unlabeled_fraction), seed=data.seed)
+    return keep(full_pool), None if truth is None else keep(sources.RelabelledSource(full_pool, truth))
+
+
+def _synthetic_tile_truth(root: pathlib.Path, train, unlabeled: list, class_names: tuple[str, ...]) -> Any:
+    """True classes of the demo's unlabelled tiles (``unlabeled/<i>.png``), from its ``synthetic.json``."""
+    import json
+
+    meta = json.loads((root / "synthetic.json").read_text())
+    to_config = [class_names.index(name) for name in meta["params"]["class_names"]]
+    return [*train.labels(), *(to_config[meta["unlabeled_labels"][int(pathlib.Path(r.path).stem)]] for r in unlabeled)]
+
+
+def _synthetic_slide_truth(root: pathlib.Path, pool, class_names: tuple[str, ...]) -> Any:
+    """True class at the centre of each pool tile of a synthetic slide set (mixed slides included)."""
+    import json
+
+    import numpy as np
+
+    from histokd_jax.data import synthetic_slides
+
+    meta = json.loads((root / "synthetic_slides.json").read_text())
+    by_path = {str((root / s["slide"]).resolve()): s for s in meta["slides"]}
+    params, names = meta["params"], meta["params"]["class_names"]
+    to_config = np.asarray([class_names.index(name) for name in names])
+    truth = np.asarray(pool.labels()).copy()
+    side = pool.tile_px * pool.teacher_mpp / pool.mpps  # tile side in level-0 px, per slide
+    for s, path in enumerate(pool.paths):
+        info = by_path[str(pathlib.Path(path).resolve())]
+        rows = pool.slide_of == s
+        centre = pool.coords[rows] + side[s] / 2
+        truth[rows] = to_config[synthetic_slides.true_classes(
+            label=names.index(info["label"]) if info["label"] else None, seed=info["seed"],
+            tile_grid=tuple(params["tile_grid"]), tile_px=params["tile_px"], x=centre[:, 0], y=centre[:, 1])]
+    return truth

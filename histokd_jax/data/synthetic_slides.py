@@ -37,7 +37,7 @@ import tifffile
 from histokd_jax.data.synthetic import CLASS_NAMES, _smooth_noise, render_tile, stored_meta
 from histokd_jax.data.views import area_downsample
 
-__all__ = ["render_slide", "write_slide", "write_slide_set", "DEFAULT_SPLITS"]
+__all__ = ["render_slide", "write_slide", "write_slide_set", "true_classes", "write_pyramid_tiff", "DEFAULT_SPLITS"]
 
 GENERATOR_VERSION = 1
 DEFAULT_SPLITS: dict[str, float] = {"train": 0.6, "val": 0.2, "test": 0.2}
@@ -59,17 +59,7 @@ def render_slide(*, label: int | None, seed: int, tile_grid: tuple[int, int] = (
         raise ValueError(f"background_fraction must be in [0, 1), got {background_fraction}")
     h, w = rows * tile_px, cols * tile_px
     layout = np.random.default_rng(np.random.SeedSequence([int(seed), _LAYOUT_CODE]))
-    if label is None:  # Voronoi regions of random classes, each class at least once
-        k = int(layout.integers(3, 6))
-        centres = layout.random((k, 2)) * (h, w)
-        region_class = layout.permutation(np.resize(np.arange(len(CLASS_NAMES)), k))
-
-        def class_at(y, x):
-            d = (np.asarray(y)[..., None] - centres[:, 0]) ** 2 + (np.asarray(x)[..., None] - centres[:, 1]) ** 2
-            return region_class[np.argmin(d, axis=-1)]
-    else:
-        def class_at(y, x):
-            return np.full(np.broadcast(y, x).shape, int(label))
+    class_at = _class_layout(layout, label=label, h=h, w=w)
 
     # tiles at stride tile_px - ov, cross-faded over the ov-pixel overlaps
     ov = max(2, tile_px // 8)
@@ -111,6 +101,31 @@ def render_slide(*, label: int | None, seed: int, tile_grid: tuple[int, int] = (
     return rgb, info
 
 
+def _class_layout(layout: np.random.Generator, *, label: int | None, h: int, w: int):
+    """``class_at(y, x)`` for level-0 px: the slide's label, or for an unlabelled slide Voronoi regions
+    of random classes (each class at least once). Draws from ``layout`` first, so the layout is
+    reproducible from the seed alone (``true_classes``)."""
+    if label is not None:
+        return lambda y, x: np.full(np.broadcast(y, x).shape, int(label))
+    k = int(layout.integers(3, 6))
+    centres = layout.random((k, 2)) * (h, w)
+    region_class = layout.permutation(np.resize(np.arange(len(CLASS_NAMES)), k))
+
+    def class_at(y, x):
+        d = (np.asarray(y)[..., None] - centres[:, 0]) ** 2 + (np.asarray(x)[..., None] - centres[:, 1]) ** 2
+        return region_class[np.argmin(d, axis=-1)]
+    return class_at
+
+
+def true_classes(*, label: int | None, seed: int, tile_grid: tuple[int, int], tile_px: int,
+                 x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The tissue class at level-0 points (x, y) of the slide ``render_slide`` draws with these
+    arguments: ground truth for tiles of unlabelled (mixed) slides."""
+    h, w = int(tile_grid[0]) * tile_px, int(tile_grid[1]) * tile_px
+    layout = np.random.default_rng(np.random.SeedSequence([int(seed), _LAYOUT_CODE]))
+    return _class_layout(layout, label=label, h=h, w=w)(np.asarray(y, np.float64), np.asarray(x, np.float64))
+
+
 def _check_levels(levels: Sequence[int], h: int, w: int) -> list[int]:
     lv = [int(f) for f in levels]
     if not lv or lv[0] != 1 or any(b <= a for a, b in zip(lv, lv[1:])):
@@ -121,17 +136,17 @@ def _check_levels(levels: Sequence[int], h: int, w: int) -> list[int]:
     return lv
 
 
-def write_slide(path: str | os.PathLike, *, label: int | None, seed: int, tile_grid: tuple[int, int] = (8, 8),
-                tile_px: int = 64, mpp: float = 1.0, levels: Sequence[int] = (1, 4, 16),
-                background_fraction: float = 0.4, jpeg_quality: int = 90) -> dict:
-    """Write one pyramidal JPEG-tiled TIFF slide and return what was written."""
+def write_pyramid_tiff(path: str | os.PathLike, level0: np.ndarray, *, mpp: float = 1.0,
+                       levels: Sequence[int] = (1, 4, 16), jpeg_quality: int = 90,
+                       description: str | None = None) -> list[int]:
+    """Write uint8 RGB ``level0`` as a pyramidal JPEG-tiled TIFF that OpenSlide opens (one page per
+    level, reduced levels ``subfiletype=1``, resolution tags giving ``mpp``); returns the levels.
+    Written to a temporary name and renamed, so a crash never leaves a half slide."""
     if not (mpp > 0 and math.isfinite(mpp)):
         raise ValueError(f"mpp must be positive, got {mpp}")
     path = Path(path)
-    h, w = int(tile_grid[0]) * tile_px, int(tile_grid[1]) * tile_px
+    h, w = level0.shape[:2]
     lv = _check_levels(levels, h, w)
-    level0, info = render_slide(label=label, seed=seed, tile_grid=tile_grid, tile_px=tile_px,
-                                background_fraction=background_fraction)
     tmp = path.with_name(f".{path.name}.partial")
     try:
         with tifffile.TiffWriter(tmp, bigtiff=h * w * 3 > 2**31) as tif:
@@ -141,13 +156,27 @@ def write_slide(path: str | os.PathLike, *, label: int | None, seed: int, tile_g
                 tif.write(img, photometric="rgb", tile=(_TIFF_TILE, _TIFF_TILE), compression="jpeg",
                           compressionargs={"level": int(jpeg_quality), "outcolorspace": "RGB"},
                           subsampling=(1, 1), subfiletype=1 if k else 0, resolution=(res, res),
-                          resolutionunit="CENTIMETER", metadata=None,
-                          description=json.dumps({"generator": "histokd_jax.synthetic_slides",
-                                                  "version": GENERATOR_VERSION, "seed": int(seed)}) if k == 0 else None)
+                          resolutionunit="CENTIMETER", metadata=None, description=description if k == 0 else None)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return lv
+
+
+def write_slide(path: str | os.PathLike, *, label: int | None, seed: int, tile_grid: tuple[int, int] = (8, 8),
+                tile_px: int = 64, mpp: float = 1.0, levels: Sequence[int] = (1, 4, 16),
+                background_fraction: float = 0.4, jpeg_quality: int = 90) -> dict:
+    """Write one pyramidal JPEG-tiled TIFF slide and return what was written."""
+    if not (mpp > 0 and math.isfinite(mpp)):
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    h, w = int(tile_grid[0]) * tile_px, int(tile_grid[1]) * tile_px
+    _check_levels(levels, h, w)
+    level0, info = render_slide(label=label, seed=seed, tile_grid=tile_grid, tile_px=tile_px,
+                                background_fraction=background_fraction)
+    lv = write_pyramid_tiff(path, level0, mpp=mpp, levels=levels, jpeg_quality=jpeg_quality,
+                            description=json.dumps({"generator": "histokd_jax.synthetic_slides",
+                                                    "version": GENERATOR_VERSION, "seed": int(seed)}))
     return {"path": str(path), "label": None if label is None else int(label),
             "label_name": "" if label is None else CLASS_NAMES[int(label)], "seed": int(seed), "mpp": float(mpp),
             "levels": lv, "level_dimensions": [(w // f, h // f) for f in lv],  # (width, height) as OpenSlide

@@ -1,0 +1,339 @@
+"""Whole-slide inference: a trained model over every tissue tile of a slide, at its own resolution.
+
+Reads come from the coarsest pyramid level that is at or finer than the model's
+µm/px (never level 0 when a lower level serves), one strip of at most
+``strip_tiles`` tiles at a time, so memory stays bounded however large the slide;
+a background thread reads the next strip while the device runs the current batch.
+
+Per slide, in ``out_dir``: ``<stem>.csv`` (tile rectangles in level-0 px and
+class probabilities), ``<stem>.geojson`` (QuPath-importable tiles with their
+probabilities as measurements), ``<stem>.heatmap.png`` (top class over a
+thumbnail) and ``<stem>.json`` (the summary; written last, so its presence marks
+a slide as done).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import openslide
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from histokd_jax import checkpoint, parallel
+from histokd_jax.data import slides
+from histokd_jax.data.splits import resolve_downsample
+from histokd_jax.state import abstract_params
+
+log = logging.getLogger(__name__)
+
+ROLES = {"student": "student_kd", "teacher": "teacher", "baseline": "student_baseline"}
+# Tab10-like colours for the classes in heatmaps and QuPath classifications.
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """A trained model and what it needs to see: its input µm/px and the tile's size in µm."""
+
+    role: str
+    class_names: tuple[str, ...]
+    input_mpp: float
+    input_px: int
+    apply: Callable[[np.ndarray], np.ndarray]  # uint8 (B, px, px, 3) -> probabilities (B, K); B = batch_size
+    batch_size: int
+    source: str  # the stage folder the parameters came from
+
+    @property
+    def tile_um(self) -> float:
+        return self.input_px * self.input_mpp
+
+
+def load_predictor(checkpoint_dir: str | pathlib.Path, *, model: str = "student", batch_size: int = 256,
+                   teacher_mpp: float | None = None, mesh=None) -> Predictor:
+    """A finished model of a training workdir (``checkpoint_dir`` is the workdir or any stage folder in it).
+
+    ``model``: "student" (distilled), "teacher" or "baseline". ``teacher_mpp``
+    sets the teacher's µm/px when the run's config does not (tile-folder data).
+    """
+    from histokd_jax import trainer  # trainer pulls in the data pipeline: only when predicting
+
+    if model not in ROLES:
+        raise ValueError(f"model must be one of {sorted(ROLES)}, got {model!r}")
+    path = pathlib.Path(checkpoint_dir).expanduser().absolute()
+    workdir = path if (path / "config.json").exists() else path.parent
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{checkpoint_dir} is not a training workdir (or a stage folder in one): "
+                                "no config.json")
+    stage_dir = workdir / ROLES[model]
+    if not (stage_dir / "result.json").exists():
+        raise FileNotFoundError(f"no finished {model} model in {workdir} ({stage_dir} has no result.json)")
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    run = json.loads((workdir / "run.json").read_text())
+    if config.data.teacher_magnification:
+        teacher_mpp = slides.parse_target(config.data.teacher_magnification)
+    elif teacher_mpp is None:
+        raise ValueError(f"the run in {workdir} was trained on tiles of unknown µm/px; give the teacher's "
+                         "resolution (e.g. --teacher_mpp=1.0)")
+    factor = 1 if model == "teacher" else resolve_downsample(config.data)
+    input_px = int(run["teacher_px"]) // factor
+    net = trainer.make_model(config, num_classes=len(run["class_names"]))
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    params, _ = checkpoint.load_best_params(stage_dir, params_like=abstract_params(net, input_px=input_px), mesh=mesh)
+    batch_size = int(math.ceil(batch_size / mesh.size) * mesh.size)
+    eval_fn = trainer.make_eval_fn(model=net, image_key="image", mesh=mesh)
+
+    def apply(images: np.ndarray) -> np.ndarray:
+        return np.asarray(eval_fn(params, parallel.put_batch({"image": images}, mesh=mesh)))
+
+    return Predictor(role=ROLES[model], class_names=tuple(run["class_names"]), input_mpp=teacher_mpp * factor,
+                     input_px=input_px, apply=apply, batch_size=batch_size, source=str(stage_dir))
+
+
+def tile_strips(coords: np.ndarray, *, side: float, strip_tiles: int) -> list[np.ndarray]:
+    """Tile indices grouped into strips: tiles of one grid row, left to right, at most ``strip_tiles``
+    each and never spanning more than ``strip_tiles`` tile widths (gaps of glass are not read)."""
+    strips = []
+    for y in np.unique(coords[:, 1]):
+        row = np.flatnonzero(coords[:, 1] == y)
+        row = row[np.argsort(coords[row, 0], kind="stable")]
+        start = 0
+        for i in range(1, len(row) + 1):
+            if i == len(row) or i - start >= strip_tiles or coords[row[i], 0] + side - coords[row[start], 0] > (
+                    strip_tiles * side + 1):
+                strips.append(row[start:i])
+                start = i
+    return strips
+
+
+def read_strip(slide, *, coords: np.ndarray, level: int, factor: float, base_mpp: float, target_mpp: float,
+               px: int, side: float) -> np.ndarray:
+    """The tiles of one strip (level-0 top-lefts ``coords``, one row) as uint8 (n, px, px, 3) at ``target_mpp``.
+
+    One read covers the whole strip; each tile is then cut at its position rounded
+    to the nearest output pixel (under one output pixel from a per-tile read).
+    """
+    x_first, y = int(coords[0, 0]), int(coords[0, 1])
+    scale = base_mpp / target_mpp  # output px per level-0 px
+    width = int(round((coords[-1, 0] + side - x_first) * scale))
+    offsets = np.minimum(np.rint((coords[:, 0] - x_first) * scale).astype(int), max(width - px, 0))
+    region = slides.read_level_region(slide, level, factor, x0=x_first, y0=y, out_w=max(width, px), out_h=px)
+    return np.stack([region[:, o:o + px] for o in offsets])
+
+
+def _batches(strips: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tile indices, images) in batches of ``batch_size`` (the last one short), from strips of tiles."""
+    idx, imgs, n = [], [], 0
+    for index, images in strips:
+        idx.append(index)
+        imgs.append(images)
+        n += len(index)
+        while n >= batch_size:
+            all_idx, all_imgs = np.concatenate(idx), np.concatenate(imgs)
+            yield all_idx[:batch_size], all_imgs[:batch_size]
+            idx, imgs, n = [all_idx[batch_size:]], [all_imgs[batch_size:]], n - batch_size
+    if n:
+        yield np.concatenate(idx), np.concatenate(imgs)
+
+
+def _prefetched(items: Sequence, fn: Callable, depth: int = 2) -> Iterator:
+    """``fn(item)`` for each item, computed ``depth`` items ahead on one thread (OpenSlide reads release the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [pool.submit(fn, item) for item in items[:depth]]
+        for k in range(len(items)):
+            result = pending[k].result()
+            if k + depth < len(items):
+                pending.append(pool.submit(fn, items[k + depth]))
+            pending[k] = None
+            yield result
+
+
+def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: str | pathlib.Path,
+                  mpp: float | None = None, min_tissue: float = 0.5, thumb_mpp: float = 8.0,
+                  heatmap_mpp: float | None = None, strip_tiles: int = 32, label: str | None = None,
+                  show_progress: bool = True) -> dict:
+    """Run ``predictor`` over the tissue of one slide and write its four outputs; returns the summary."""
+    path = pathlib.Path(path)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with slides.open_slide(path) as slide:
+        resolution = slides.slide_mpp(slide, override=mpp)
+        if resolution.mpp > predictor.input_mpp * 1.02:
+            raise ValueError(f"level 0 is {resolution.mpp:.3g} µm/px, coarser than the model's "
+                             f"{predictor.input_mpp:.3g} µm/px")
+        mask, mask_mpp = slides.tissue_mask(slide, thumb_mpp=thumb_mpp, base_mpp=resolution.mpp)
+        side = predictor.tile_um / resolution.mpp
+        coords, _ = slides.tile_grid(mask, mask_mpp=mask_mpp, base_mpp=resolution.mpp, slide_dims=slide.dimensions,
+                                     tile_um=predictor.tile_um, min_tissue=min_tissue)
+        if not len(coords):
+            raise ValueError("no tissue tiles (nothing passed the tissue mask and min_tissue)")
+        level, factor = slides.choose_level(slide.level_downsamples, base_mpp=resolution.mpp,
+                                            target_mpp=predictor.input_mpp)
+        level_downsample, slide_levels = float(slide.level_downsamples[level]), slide.level_downsamples
+        strips = tile_strips(coords, side=side, strip_tiles=strip_tiles)
+        read = lambda idx: (idx, read_strip(slide, coords=coords[idx], level=level, factor=factor,  # noqa: E731
+                                            base_mpp=resolution.mpp, target_mpp=predictor.input_mpp,
+                                            px=predictor.input_px, side=side))
+        probs = np.zeros((len(coords), len(predictor.class_names)), np.float32)
+        bar = tqdm(total=len(coords), desc=path.name, unit="tile", disable=not show_progress, leave=False)
+        for idx, images in _batches(_prefetched(strips, read), predictor.batch_size):
+            padded = np.zeros((predictor.batch_size, *images.shape[1:]), np.uint8)
+            padded[:len(images)] = images
+            probs[idx] = predictor.apply(padded)[:len(images)]
+            bar.update(len(idx))
+        bar.close()
+        seconds = time.perf_counter() - started
+        heat_mpp = heatmap_mpp or max(thumb_mpp, predictor.tile_um / 4)
+        thumb, heat_mpp = slides.read_thumbnail(slide, base_mpp=resolution.mpp, target_mpp=heat_mpp)
+    stem = out_dir / path.stem
+    write_tile_csv(stem.with_suffix(".csv"), coords=coords, side=side, probs=probs, class_names=predictor.class_names)
+    write_geojson(stem.with_suffix(".geojson"), coords=coords, side=side, probs=probs,
+                  class_names=predictor.class_names)
+    write_heatmap(stem.with_suffix(".heatmap.png"), thumb=thumb, thumb_mpp=heat_mpp, base_mpp=resolution.mpp,
+                  coords=coords, side=side, probs=probs, class_names=predictor.class_names)
+    mean = probs.mean(0)
+    summary = {
+        "slide": str(path), "model": predictor.role, "checkpoint": predictor.source,
+        "predicted": predictor.class_names[int(mean.argmax())],
+        "probs": {c: round(float(p), 5) for c, p in zip(predictor.class_names, mean)}, "aggregation": "mean",
+        **({"label": label} if label else {}),
+        "slide_mpp": resolution.mpp, "mpp_source": resolution.source, "input_mpp": predictor.input_mpp,
+        "input_px": predictor.input_px, "tile_um": predictor.tile_um, "level": int(level),
+        "level_downsample": level_downsample, "levels": len(slide_levels),
+        "tiles": int(len(coords)), "seconds": round(seconds, 3), "tiles_per_s": round(len(coords) / seconds, 1),
+        "heatmap_mpp": heat_mpp,
+    }
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(stem.with_suffix(".json"))
+    return summary
+
+
+def _rectangles(coords: np.ndarray, side: float) -> np.ndarray:
+    """(N, 4) minx, miny, width, height in level-0 px (the tile's extent rounded to whole pixels)."""
+    size = int(round(side))
+    return np.column_stack([coords[:, 0], coords[:, 1], np.full(len(coords), size), np.full(len(coords), size)])
+
+
+def write_tile_csv(path: pathlib.Path, *, coords: np.ndarray, side: float, probs: np.ndarray,
+                   class_names: Sequence[str]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["minx", "miny", "width", "height", *(f"prob_{c}" for c in class_names)])
+        for rect, p in zip(_rectangles(coords, side), probs):
+            writer.writerow([*rect.tolist(), *(f"{v:.5f}" for v in p)])
+
+
+def write_geojson(path: pathlib.Path, *, coords: np.ndarray, side: float, probs: np.ndarray,
+                  class_names: Sequence[str]) -> None:
+    """A FeatureCollection of tile polygons (level-0 px, as QuPath expects), classified by the top class,
+    with every class probability as a measurement."""
+    features = []
+    for (x, y, w, h), p in zip(_rectangles(coords, side).tolist(), probs):
+        top = int(p.argmax())
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]},
+            "properties": {
+                "objectType": "tile",
+                "classification": {"name": class_names[top], "color": list(PALETTE[top % len(PALETTE)])},
+                "measurements": {f"prob_{c}": round(float(v), 5) for c, v in zip(class_names, p)},
+            },
+        })
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+
+
+def write_heatmap(path: pathlib.Path, *, thumb: np.ndarray, thumb_mpp: float, base_mpp: float, coords: np.ndarray,
+                  side: float, probs: np.ndarray, class_names: Sequence[str]) -> None:
+    """The thumbnail with each tile tinted by its top class (stronger when more certain), and a legend."""
+    h, w = thumb.shape[:2]
+    colour = np.zeros((h, w, 3), np.float32)
+    alpha = np.zeros((h, w, 1), np.float32)
+    scale = base_mpp / thumb_mpp
+    k = len(class_names)
+    for (x, y), p in zip(coords, probs):
+        x0, y0 = int(x * scale), int(y * scale)
+        x1, y1 = max(x0 + 1, int(round((x + side) * scale))), max(y0 + 1, int(round((y + side) * scale)))
+        top = int(p.argmax())
+        certainty = (p[top] - 1 / k) / (1 - 1 / k) if k > 1 else 1.0
+        colour[y0:y1, x0:x1] = PALETTE[top % len(PALETTE)]
+        alpha[y0:y1, x0:x1] = 0.35 + 0.4 * certainty
+    blended = thumb.astype(np.float32) * (1 - alpha) + colour * alpha
+    legend_h = 16 * k + 24
+    canvas = Image.new("RGB", (max(w, 220), h + legend_h), "white")
+    canvas.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(class_names):
+        y = h + 4 + 16 * c
+        draw.rectangle((4, y, 16, y + 12), fill=PALETTE[c % len(PALETTE)])
+        draw.text((22, y), name, fill="black")
+    draw.text((4, h + 4 + 16 * k), f"{thumb_mpp:.3g} µm/px; top class per tile".replace("µ", "u"), fill="black")
+    canvas.save(path, format="PNG")
+
+
+def outputs_complete(path: str | pathlib.Path, out_dir: str | pathlib.Path) -> bool:
+    stem = pathlib.Path(out_dir) / pathlib.Path(path).stem
+    return all(stem.with_suffix(s).exists() for s in (".json", ".csv", ".geojson", ".heatmap.png"))
+
+
+def predict_slides(entries: Sequence[tuple[pathlib.Path, float | None, str | None]], *, predictor: Predictor,
+                   out_dir: str | pathlib.Path, overwrite: bool = False, **kwargs: Any) -> tuple[list[dict], list]:
+    """Every slide of ``entries`` ((path, mpp override or None, label or None)); (summaries, skipped).
+
+    A slide whose outputs are complete is not recomputed (unless ``overwrite``);
+    a bad one is skipped with a one-line reason, logged and listed in
+    ``out_dir/skipped_slides.csv``, and the rest go on.
+    """
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries, skipped = [], []
+    for path, mpp, label in entries:
+        if not overwrite and outputs_complete(path, out_dir):
+            summaries.append(json.loads((out_dir / f"{pathlib.Path(path).stem}.json").read_text()))
+            log.info("%s: outputs complete, not recomputed", path)
+            continue
+        try:
+            summaries.append(predict_slide(path, predictor=predictor, out_dir=out_dir, mpp=mpp, label=label, **kwargs))
+        except (OSError, ValueError, openslide.OpenSlideError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log.warning("skipping slide %s: %s", path, reason)
+            skipped.append((str(path), reason))
+    with open(out_dir / "skipped_slides.csv", "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["slide", "reason"])
+        writer.writerows(skipped)
+    return summaries, skipped
+
+
+def slide_entries(inputs: Sequence[str]) -> list[tuple[pathlib.Path, float | None, str | None]]:
+    """Slides from command-line arguments: slide files, or manifest CSVs (``slide`` column, optional ``mpp``
+    and ``label``; paths relative to the CSV). A manifest without a ``slide`` column is an error."""
+    entries = []
+    for item in inputs:
+        path = pathlib.Path(item).expanduser()
+        if path.suffix.lower() != ".csv":
+            entries.append((path, None, None))
+            continue
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        if rows and "slide" not in rows[0]:
+            raise ValueError(f"{path}: a manifest needs a 'slide' column, got {list(rows[0])}")
+        for row in rows:
+            slide = pathlib.Path(row["slide"])
+            mpp = float(row["mpp"]) if (row.get("mpp") or "").strip() else None
+            entries.append((slide if slide.is_absolute() else path.parent / slide, mpp, (row.get("label") or None)))
+    return entries

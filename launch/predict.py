@@ -1,0 +1,64 @@
+"""Run a trained model over whole slides: per-tile probabilities, QuPath GeoJSON, heatmap, summary.
+
+    python launch/predict.py --checkpoint=/tmp/histokd-demo --out=/tmp/preds SLIDE.svs [MANIFEST.csv ...]
+    python launch/predict.py --checkpoint=/tmp/histokd-demo --model=teacher --out=/tmp/preds_teacher SLIDE.svs
+
+``--checkpoint`` is a training workdir (or a stage folder in it); ``--model`` picks
+the distilled student (default), the teacher or the label-only baseline. Slides
+whose outputs are complete in ``--out`` are not recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from histokd_jax import inference  # noqa: E402
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or a stage folder in it.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+_MODEL = flags.DEFINE_enum("model", "student", sorted(inference.ROLES), "Which model of the run to apply.")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Tiles per device batch (rounded up to the device count).")
+_MPP = flags.DEFINE_float("mpp", None, "Level-0 µm/px for every slide (overrides the slides' own metadata).")
+_TEACHER_MPP = flags.DEFINE_float("teacher_mpp", None, "Teacher µm/px, for runs trained on tiles of unstated "
+                                  "resolution (slide runs know it).")
+_MIN_TISSUE = flags.DEFINE_float("min_tissue", 0.5, "Minimum tissue fraction of a tile.")
+_HEATMAP_MPP = flags.DEFINE_float("heatmap_mpp", None, "µm/px of the heatmap (default: 4 px per tile, >= 8).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute slides whose outputs already exist.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per slide.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        sys.exit("error: give at least one slide file or manifest CSV after the flags")
+    try:
+        entries = inference.slide_entries(argv[1:])
+        predictor = inference.load_predictor(_CHECKPOINT.value, model=_MODEL.value, batch_size=_BATCH.value,
+                                             teacher_mpp=_TEACHER_MPP.value)
+    except (OSError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    if _MPP.value is not None:
+        entries = [(path, _MPP.value, label) for path, _, label in entries]
+    print(f"{predictor.role}: {predictor.input_px} px tiles at {predictor.input_mpp:.3g} µm/px "
+          f"({predictor.tile_um:.0f} µm), {len(entries)} slide(s) -> {_OUT.value}", flush=True)
+    summaries, skipped = inference.predict_slides(
+        entries, predictor=predictor, out_dir=_OUT.value, overwrite=_OVERWRITE.value, min_tissue=_MIN_TISSUE.value,
+        heatmap_mpp=_HEATMAP_MPP.value, show_progress=_PROGRESS.value)
+    for s in summaries:
+        truth = f" (label {s['label']})" if s.get("label") else ""
+        print(f"{Path(s['slide']).name}: {s['predicted']}{truth}, {s['tiles']} tiles from level {s['level']} "
+              f"in {s['seconds']:.1f} s ({s['tiles_per_s']:.0f} tiles/s)")
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}")
+    (Path(_OUT.value) / "summary.json").write_text(json.dumps(summaries, indent=1))
+    if not summaries:
+        sys.exit("error: no slide could be processed")
+
+
+if __name__ == "__main__":
+    app.run(main)

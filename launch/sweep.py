@@ -1,0 +1,43 @@
+"""The resolution sweep: one teacher, then students and baselines at every factor of config.sweep.
+
+    python launch/sweep.py --config=configs/demo.py --workdir=/tmp/histokd-sweep
+    python launch/sweep.py --config=configs/cd.py --workdir=/tmp/cd-sweep --config.data.manifest=... \\
+        --config.sweep.unlabeled_fractions="(0.0, 0.25, 1.0)"
+
+Writes ``sweep.md`` / ``sweep.json`` (magnification, µm/px, accuracy with its 95% CI,
+macro-F1, AUC, GFLOPs, FLOP ratio to the teacher, measured images/s) and
+``plots/accuracy_vs_gflops.png``. Rerunning resumes: finished cells are not recomputed.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # so configs/ imports from any cwd
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from histokd_jax import runtime  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep (one sub-folder per cell).")
+_BOOT = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the accuracy intervals.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    runtime.prepare_runtime()
+    from histokd_jax import sweep
+
+    rows = sweep.run_sweep(_CONFIG.value, _WORKDIR.value, should_stop=runtime.StopOnSignal(),
+                           config_name=flags.FLAGS["config"].config_filename, n_boot=_BOOT.value)
+    if rows is None:
+        sys.exit("stopped before the end; run the same command again to resume")
+    print((pathlib.Path(_WORKDIR.value) / "sweep.md").read_text())
+
+
+if __name__ == "__main__":
+    app.run(main)

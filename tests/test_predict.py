@@ -1,0 +1,170 @@
+"""Whole-slide inference (launch/predict.py) end to end.
+
+The slides here are colour-coded on purpose (each class one stain colour, plus
+noise): a few training steps learn them, so a test can ask whether prediction
+recovers *where* each class is on a mixed slide, which is what the inference
+plumbing (tissue grid, strip reads, pyramid levels, coordinates) decides.
+The truth of the mixed slide comes from ``synthetic_slides.true_classes``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import openslide
+import pytest
+from PIL import Image
+
+from histokd_jax import inference, trainer
+from histokd_jax.data import synthetic_slides
+from tests.tiny import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "data" / "cmu_small_region.svs"
+pytestmark = pytest.mark.slow
+
+CLASSES = ("pink", "purple", "blue")
+COLOURS = np.array([(215, 95, 160), (120, 70, 170), (70, 130, 200)], np.float64)
+GRID, TILE = 12, 64  # 768 x 768 level-0 px at 1 µm/px
+
+
+def tissue_disc(n: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    return (yy - n / 2) ** 2 + (xx - n / 2) ** 2 < (0.42 * n) ** 2
+
+
+def colour_slide(path: pathlib.Path, *, label: int | None, seed: int) -> None:
+    """Tissue (a disc) coloured by class, glass (near white) outside; levels 1, 4, 16."""
+    n = GRID * TILE
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    classes = synthetic_slides.true_classes(label=label, seed=seed, tile_grid=(GRID, GRID), tile_px=TILE, x=xx, y=yy)
+    image = COLOURS[classes] + rng.normal(0, 12, (n, n, 3))
+    image = np.where(tissue_disc(n)[..., None], image, 243 + rng.normal(0, 1.5, (n, n, 3)))
+    synthetic_slides.write_pyramid_tiff(path, np.clip(np.rint(image), 0, 255).astype(np.uint8), mpp=1.0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> pathlib.Path:
+    """A tiny run (teacher, distilled student, baseline) on colour-coded slides; returns its workdir."""
+    root = tmp_path_factory.mktemp("colour_slides")
+    rows = []
+    for c in range(3):
+        for i, split in enumerate(("train", "train", "val", "test")):
+            name = f"{CLASSES[c]}_{i}.tiff"
+            colour_slide(root / name, label=c, seed=100 * c + i)
+            rows.append((name, CLASSES[c], split))
+    colour_slide(root / "mixed_train.tiff", label=None, seed=7)
+    rows.append(("mixed_train.tiff", "", "train"))
+    with open(root / "manifest.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("slide", "label", "split"), *rows])
+    config = tiny_config("")
+    config.data.kind, config.data.manifest, config.data.class_names = "slides", str(root / "manifest.csv"), CLASSES
+    config.data.teacher_magnification, config.data.student_magnification, config.data.downsample = "10x", "2.5x", 0
+    for stage in ("teacher", "distill", "baseline"):
+        config[stage].steps, config[stage].eval_every_steps = 40, 20
+    workdir = tmp_path_factory.mktemp("run")
+    trainer.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def predict(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, str(REPO / "launch/predict.py"), "--progress=false", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def read_csv(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rects = np.array([[int(r[k]) for k in ("minx", "miny", "width", "height")] for r in rows])
+    probs = np.array([[float(r[f"prob_{c}"]) for c in CLASSES] for r in rows])
+    return rects, probs
+
+
+@pytest.mark.parametrize("model, level, input_px", [("student", 1, 16), ("teacher", 0, 64)])
+def test_predict_recovers_the_class_regions_of_a_mixed_slide(trained, tmp_path, model, level, input_px):
+    slide = tmp_path / "mixed_new.tiff"
+    colour_slide(slide, label=None, seed=31)  # a layout never seen in training
+    out = tmp_path / "out"
+    done = predict(f"--checkpoint={trained}", f"--model={model}", f"--out={out}", str(slide))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    summary = json.loads((out / "mixed_new.json").read_text())
+    # the student reads 4 µm/px from the 4x level (never level 0); the teacher reads level 0
+    assert (summary["level"], summary["input_px"], summary["input_mpp"]) == (level, input_px, 1.0 * 64 / input_px)
+    rects, probs = read_csv(out / "mixed_new.csv")
+    assert summary["tiles"] == len(rects) > 50 and (rects[:, 2:] == 64).all()
+    centres = rects[:, :2] + 32
+    # only tissue is tiled: every tile centre lies in the tissue disc
+    assert tissue_disc(GRID * TILE)[centres[:, 1], centres[:, 0]].all()
+    truth = synthetic_slides.true_classes(label=None, seed=31, tile_grid=(GRID, GRID), tile_px=TILE,
+                                          x=centres[:, 0], y=centres[:, 1])
+    assert len(np.unique(truth)) >= 2
+    accuracy = np.mean(probs.argmax(1) == truth)
+    assert accuracy > 0.8, f"tile accuracy {accuracy:.2f} against the true regions (chance is about 1/3)"
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+
+    geo = json.loads((out / "mixed_new.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == len(rects)
+    for feature in geo["features"]:
+        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        assert feature["geometry"]["type"] == "Polygon" and (ring[0] == ring[-1]).all()
+        assert (ring >= 0).all() and (ring <= GRID * TILE).all()  # inside the slide bounds
+        assert set(feature["properties"]["measurements"]) == {f"prob_{c}" for c in CLASSES}
+    heat = np.asarray(Image.open(out / "mixed_new.heatmap.png").convert("RGB")).astype(float)
+    side = round(GRID * TILE / summary["heatmap_mpp"])  # the thumbnail sits top-left, the legend below it
+    assert heat.shape[0] > side and heat.shape[1] >= side
+    # each tile is tinted with its top class's colour: the centre pixel is closer to it than to the others
+    palette = np.asarray(inference.PALETTE[:3], float)
+    scale = 1 / summary["heatmap_mpp"]
+    pix = heat[(centres[:, 1] * scale).astype(int), (centres[:, 0] * scale).astype(int)]
+    nearest = np.argmin(((pix[:, None] - palette[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(nearest == probs.argmax(1)) > 0.75  # the slide's own colour shows through the tint
+
+    # a rerun finds the outputs complete and does not recompute them
+    stamp = (out / "mixed_new.json").stat().st_mtime_ns
+    again = predict(f"--checkpoint={trained}", f"--model={model}", f"--out={out}", str(slide))
+    assert again.returncode == 0 and (out / "mixed_new.json").stat().st_mtime_ns == stamp
+
+
+def test_bad_slides_are_skipped_with_a_reason_and_the_rest_goes_on(trained, tmp_path):
+    good = tmp_path / "good.tiff"
+    colour_slide(good, label=0, seed=5)
+    corrupt = tmp_path / "corrupt.svs"
+    corrupt.write_bytes(b"not a slide at all" * 100)
+    out = tmp_path / "out"
+    done = predict(f"--checkpoint={trained}", f"--out={out}", str(good), str(tmp_path / "missing.svs"), str(corrupt))
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "skipped_slides.csv", newline="") as handle:
+        skipped = {pathlib.Path(r["slide"]).name: r["reason"] for r in csv.DictReader(handle)}
+    assert set(skipped) == {"missing.svs", "corrupt.svs"}
+    assert "not found" in skipped["missing.svs"] and "cannot read" in skipped["corrupt.svs"]
+    assert json.loads((out / "good.json").read_text())["predicted"] == "pink"
+
+
+def test_predict_on_the_real_fixture_tiles_only_tissue(trained, tmp_path):
+    out = tmp_path / "out"
+    done = predict(f"--checkpoint={trained}", f"--out={out}", str(FIXTURE))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "cmu_small_region.json").read_text())
+    assert summary["slide_mpp"] == pytest.approx(0.499) and summary["level"] == 0  # its only level
+    rects, _ = read_csv(out / "cmu_small_region.csv")
+    assert len(rects) == summary["tiles"] > 5
+    assert (rects[:, 2] == round(64 / 0.499)).all()
+    with openslide.OpenSlide(FIXTURE) as slide:
+        for x, y, w, h in rects:
+            rgb = np.asarray(slide.read_region((int(x), int(y)), 0, (int(w), int(h))).convert("RGB"))
+            saturation = np.asarray(Image.fromarray(rgb).convert("HSV"))[..., 1]
+            assert (saturation > 25).mean() > 0.3 and rgb.mean() < 225, (x, y)  # tissue, not white glass
+
+
+def test_predict_refuses_a_folder_that_is_not_a_run(tmp_path):
+    done = predict(f"--checkpoint={tmp_path}", f"--out={tmp_path / 'o'}", str(FIXTURE))
+    assert done.returncode != 0 and "not a training workdir" in done.stderr
