@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import resource
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,14 @@ def run_one(slide: pathlib.Path, factor: int, repeats: int, batch_size: int) -> 
     return {"factor": factor, "input_px": px, "mpp": TEACHER_MPP * factor, "level": summary["level"],
             "tiles": summary["tiles"], "seconds": float(np.median(times[1:])), "first_seconds": times[0],
             "gflops": trainer.gflops_per_image(model, params, input_px=px),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; getrusage's ru_maxrss would include the parent's
+    peak from before exec)."""
+    status = pathlib.Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
 def main() -> None:
