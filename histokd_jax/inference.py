@@ -197,7 +197,8 @@ def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: st
             bar.update(len(idx))
         bar.close()
         seconds = time.perf_counter() - started
-        heat_mpp = heatmap_mpp or max(thumb_mpp, predictor.tile_um / 4)
+        # default: about 1024 px across the slide's longer side, never finer than level 0
+        heat_mpp = heatmap_mpp or max(resolution.mpp, max(slide.dimensions) * resolution.mpp / 1024)
         thumb, heat_mpp = slides.read_thumbnail(slide, base_mpp=resolution.mpp, target_mpp=heat_mpp)
     stem = out_dir / path.stem
     write_tile_csv(stem.with_suffix(".csv"), coords=coords, side=side, probs=probs, class_names=predictor.class_names)

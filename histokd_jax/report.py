@@ -44,7 +44,9 @@ def load_predictions(stage_dir: str | pathlib.Path) -> dict:
 def find_models(workdir: str | pathlib.Path) -> list[pathlib.Path]:
     """Stage folders under ``workdir`` (any depth: a sweep nests runs) that saved test predictions."""
     workdir = pathlib.Path(workdir)
-    return sorted(p.parent for p in workdir.rglob(PREDICTIONS))
+    order = {"teacher": 0, "student_kd": 1, "student_baseline": 2, "student_control": 3}
+    return sorted((p.parent for p in workdir.rglob(PREDICTIONS)),
+                  key=lambda d: (d.parent != workdir, d.parent.name, order.get(d.name, 9), d.name))
 
 
 def _with_ci(point: dict[str, float], ci: dict[str, tuple[float, float]], keys: Sequence[str]) -> dict:
