@@ -81,7 +81,8 @@ def flax_step(factor: int, batch: int, teacher_px: int = 256, model_kwargs: dict
     rng = np.random.default_rng(0)
     teacher_images = rng.integers(0, 256, (batch, teacher_px, teacher_px, 3), dtype=np.uint8)
     data = {"teacher_image": teacher_images,
-            "student_image": np.rint(area_downsample(teacher_images.astype(np.float32), factor)).astype(np.uint8),
+            "student_image": np.stack([np.rint(area_downsample(im.astype(np.float32), factor)).astype(np.uint8)
+                                       for im in teacher_images]),
             "label": np.zeros(batch, np.int32), "has_label": np.zeros(batch, bool)}
     step = jax.jit(functools.partial(steps.distill_step, student=model, teacher=model, tx=tx,
                                      loss=steps.DistillLoss()), donate_argnums=0)

@@ -75,6 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.widths = (32, 64, 128, 256)
     c.model.blocks_per_stage = (1, 1, 1, 1)
     c.model.num_groups = 32
+    c.model.compute_dtype = "float32"  # "bfloat16": mixed precision on GPU/TPU (float32 parameters and losses)
 
     # Each stage trains one model: its length, global batch, validation cadence and optimiser.
     c.teacher = stage(steps=10_000)

@@ -8,6 +8,7 @@ jit on any number of devices and in train or eval mode.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -75,17 +76,18 @@ class BasicBlock(nn.Module):
     features: int
     strides: int
     num_groups: int
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         groups = groups_for(self.features, self.num_groups)
-        y = nn.Conv(self.features, (3, 3), strides=self.strides, use_bias=False, name="conv1")(x)
-        y = nn.relu(nn.GroupNorm(num_groups=groups, name="norm1")(y))
-        y = nn.Conv(self.features, (3, 3), use_bias=False, name="conv2")(y)
-        y = nn.GroupNorm(num_groups=groups, name="norm2")(y)
+        conv = lambda k, s, name: nn.Conv(self.features, (k, k), strides=s, use_bias=False,  # noqa: E731
+                                          dtype=self.dtype, name=name)
+        norm = lambda name: nn.GroupNorm(num_groups=groups, dtype=self.dtype, name=name)  # noqa: E731
+        y = nn.relu(norm("norm1")(conv(3, self.strides, "conv1")(x)))
+        y = norm("norm2")(conv(3, 1, "conv2")(y))
         if x.shape[-1] != self.features or self.strides != 1:
-            x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False, name="proj_conv")(x)
-            x = nn.GroupNorm(num_groups=groups, name="proj_norm")(x)
+            x = norm("proj_norm")(conv(1, self.strides, "proj_conv")(x))
         return nn.relu(x + y)
 
 
@@ -102,24 +104,28 @@ class ResNetGN(nn.Module):
     widths: Sequence[int] = (32, 64, 128, 256)
     blocks_per_stage: Sequence[int] = (1, 1, 1, 1)
     num_groups: int = 32
+    # Compute dtype (e.g. jnp.bfloat16 on GPU/TPU: mixed precision). Parameters, GroupNorm
+    # statistics, logits and losses stay float32.
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         if len(self.widths) != len(self.blocks_per_stage):
             raise ValueError(f"widths {self.widths} and blocks_per_stage {self.blocks_per_stage} differ in length")
         stem_width = self.widths[0]
-        x = nn.Conv(stem_width, (7, 7), strides=2, use_bias=False, name="stem_conv")(x)
-        x = nn.relu(nn.GroupNorm(num_groups=groups_for(stem_width, self.num_groups), name="stem_norm")(x))
+        x = nn.Conv(stem_width, (7, 7), strides=2, use_bias=False, dtype=self.dtype, name="stem_conv")(x)
+        x = nn.relu(nn.GroupNorm(num_groups=groups_for(stem_width, self.num_groups), dtype=self.dtype,
+                                 name="stem_norm")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         features = {}
         for stage, (width, blocks) in enumerate(zip(self.widths, self.blocks_per_stage), start=1):
             for block in range(blocks):
                 strides = 2 if stage > 1 and block == 0 else 1
-                x = BasicBlock(width, strides, self.num_groups, name=f"stage{stage}_block{block}")(x)
+                x = BasicBlock(width, strides, self.num_groups, dtype=self.dtype, name=f"stage{stage}_block{block}")(x)
             features[f"stage{stage}"] = x
-        pooled = jnp.mean(x, axis=(1, 2))
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pooled"] = pooled
-        logits = nn.Dense(self.num_classes, name="head")(pooled)
+        logits = nn.Dense(self.num_classes, name="head")(pooled)  # float32 head
         return logits, features
 
 

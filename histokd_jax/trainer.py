@@ -20,6 +20,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -67,7 +68,16 @@ def make_model(config: ml_collections.ConfigDict, *, num_classes: int) -> ResNet
         widths=tuple(m.widths),
         blocks_per_stage=tuple(m.blocks_per_stage),
         num_groups=m.num_groups,
+        dtype=compute_dtype(m.get("compute_dtype", "float32")),
     )
+
+
+def compute_dtype(name: str) -> Any:
+    """``model.compute_dtype``: "float32", or "bfloat16" for mixed precision on GPU/TPU (parameters,
+    GroupNorm statistics, logits and losses stay float32). On CPUs without bfloat16 units it is slower."""
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {name!r}")
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
 def gflops_per_image(model: nn.Module, params: Any, *, input_px: int) -> float:
