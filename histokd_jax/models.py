@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # Per-channel statistics used to centre uint8 RGB images before the network.
@@ -70,6 +71,102 @@ def check_groupnorm(*, input_px: int, widths: Sequence[int], num_groups: int, ro
             )
 
 
+# Convolutions whose output has at most this many positions run as one matmul over explicit patches:
+# on CPU, XLA's convolution kernels are 5-20x slower than a matmul for 1x1, 2x2 and 4x4 outputs
+# with 64-256 channels (the late stages of small students; see BENCHMARKS.md), while for larger
+# outputs materialising the patches costs more than the matmul saves.
+MATMUL_MAX_POSITIONS = 16
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, tuple[int, int]]:
+    """Output size and (low, high) padding of XLA's SAME convolution along one axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return out, (total // 2, total - total // 2)
+
+
+def conv_as_matmul(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """SAME convolution (NHWC x HWIO) as patches @ kernel: the same sums as ``lax.conv`` in another order."""
+    kh, kw, cin, cout = kernel.shape
+    n, h, w, _ = x.shape
+    oh, pad_h = _same_padding(h, kh, stride)
+    ow, pad_w = _same_padding(w, kw, stride)
+    xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+    taps = [xp[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride, :]
+            for i in range(kh) for j in range(kw)]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    return (patches.reshape(n * oh * ow, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)).reshape(n, oh, ow, cout)
+
+
+class Conv(nn.Module):
+    """A bias-free SAME convolution with ``nn.Conv``'s parameter (``kernel``, HWIO, LeCun normal),
+    lowered per call site by output size: XLA's convolution, or ``conv_as_matmul`` for small outputs.
+
+    ``lowering="xla"`` forces the plain convolution (the reference the tests compare against).
+    """
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    dtype: Any = jnp.float32
+    lowering: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        oh = -(-x.shape[1] // self.strides)
+        ow = -(-x.shape[2] // self.strides)
+        if self.lowering == "auto" and oh * ow <= MATMUL_MAX_POSITIONS:
+            return conv_as_matmul(x, kernel, self.strides)
+        if self.lowering not in ("auto", "xla"):
+            raise ValueError(f"conv lowering must be 'auto' or 'xla', got {self.lowering!r}")
+        return jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
+    """The stem's 3x3 / stride-2 SAME max-pool, with a faster gradient.
+
+    The forward pass is XLA's ``reduce_window``. Its automatic gradient
+    (``select_and_scatter``) is 4-5x slower on CPU than the forward and backward of
+    the whole following stage; ``_max_pool_grad`` routes each gradient to the first
+    maximum of its window (the same rule) with nine strided comparisons instead.
+    """
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
+
+
+def _max_pool_fwd(x: jnp.ndarray) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+    y = max_pool_3x3_s2(x)
+    return y, (x, y)
+
+
+def _max_pool_grad(residuals: tuple[jnp.ndarray, jnp.ndarray], g: jnp.ndarray) -> tuple[jnp.ndarray]:
+    x, y = residuals
+    _, h, w, _ = x.shape
+    oh, (top, bottom) = _same_padding(h, 3, 2)
+    ow, (left, right) = _same_padding(w, 3, 2)
+    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=-jnp.inf)
+    grad = jnp.zeros(xp.shape, g.dtype)
+    taken = jnp.zeros(y.shape, bool)
+    zero = jnp.zeros((), g.dtype)
+    for i in range(3):
+        for j in range(3):
+            tap = xp[:, i:i + 2 * (oh - 1) + 1:2, j:j + 2 * (ow - 1) + 1:2, :]
+            hit = (tap == y) & ~taken
+            taken = taken | hit
+            # place the window's gradient back at stride 2 from (i, j): a pad with interior zeros
+            grad = grad + jax.lax.pad(jnp.where(hit, g, zero), zero, (
+                (0, 0, 0), (i, xp.shape[1] - i - 2 * (oh - 1) - 1, 1), (j, xp.shape[2] - j - 2 * (ow - 1) - 1, 1),
+                (0, 0, 0)))
+    return (grad[:, top:top + h, left:left + w, :],)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_grad)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (ResNet-18 style)."""
 
@@ -77,12 +174,13 @@ class BasicBlock(nn.Module):
     strides: int
     num_groups: int
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    conv_lowering: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         groups = groups_for(self.features, self.num_groups)
-        conv = lambda k, s, name: nn.Conv(self.features, (k, k), strides=s, use_bias=False,  # noqa: E731
-                                          dtype=self.dtype, name=name)
+        conv = lambda k, s, name: Conv(self.features, k, s, dtype=self.dtype, lowering=self.conv_lowering,  # noqa: E731
+                                       name=name)
         norm = lambda name: nn.GroupNorm(num_groups=groups, dtype=self.dtype, name=name)  # noqa: E731
         y = nn.relu(norm("norm1")(conv(3, self.strides, "conv1")(x)))
         y = norm("norm2")(conv(3, 1, "conv2")(y))
@@ -107,21 +205,25 @@ class ResNetGN(nn.Module):
     # Compute dtype (e.g. jnp.bfloat16 on GPU/TPU: mixed precision). Parameters, GroupNorm
     # statistics, logits and losses stay float32.
     dtype: Any = jnp.float32
+    # "auto": small-output convolutions as matmuls (faster on CPU; same parameters and sums);
+    # "xla": every convolution through XLA's kernel.
+    conv_lowering: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         if len(self.widths) != len(self.blocks_per_stage):
             raise ValueError(f"widths {self.widths} and blocks_per_stage {self.blocks_per_stage} differ in length")
         stem_width = self.widths[0]
-        x = nn.Conv(stem_width, (7, 7), strides=2, use_bias=False, dtype=self.dtype, name="stem_conv")(x)
+        x = Conv(stem_width, 7, 2, dtype=self.dtype, lowering=self.conv_lowering, name="stem_conv")(x)
         x = nn.relu(nn.GroupNorm(num_groups=groups_for(stem_width, self.num_groups), dtype=self.dtype,
                                  name="stem_norm")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        x = max_pool_3x3_s2(x)
         features = {}
         for stage, (width, blocks) in enumerate(zip(self.widths, self.blocks_per_stage), start=1):
             for block in range(blocks):
                 strides = 2 if stage > 1 and block == 0 else 1
-                x = BasicBlock(width, strides, self.num_groups, dtype=self.dtype, name=f"stage{stage}_block{block}")(x)
+                x = BasicBlock(width, strides, self.num_groups, dtype=self.dtype, conv_lowering=self.conv_lowering,
+                               name=f"stage{stage}_block{block}")(x)
             features[f"stage{stage}"] = x
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pooled"] = pooled

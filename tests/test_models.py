@@ -200,3 +200,49 @@ def test_normalize_images_per_channel():
     np.testing.assert_allclose(out[0, 0, 0], (0.0 - mean) / std, rtol=1e-6)
     np.testing.assert_allclose(out[0, 0, 1], (1.0 - mean) / std, rtol=1e-6)
     assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("px", [32, 20])
+def test_matmul_lowering_matches_xla_convolutions(px):
+    """Small-output convolutions run as patches @ kernel ("auto"); logits, every feature map and the
+    parameter gradients must equal the plain XLA-convolution model ("xla") to float tolerance."""
+    import dataclasses
+
+    fast = models.ResNetGN(num_classes=3, widths=(32, 64, 128, 256), num_groups=8)
+    plain = dataclasses.replace(fast, conv_lowering="xla")
+    params = jax.jit(fast.init)(jax.random.key(0), jnp.zeros((1, px, px, 3)))["params"]
+    x = jax.random.normal(jax.random.key(1), (4, px, px, 3))
+    (lf, ff), (lp, fp) = fast.apply({"params": params}, x), plain.apply({"params": params}, x)
+    np.testing.assert_allclose(lf, lp, rtol=1e-4, atol=1e-4)
+    for name in ff:
+        np.testing.assert_allclose(ff[name], fp[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, x)[0] ** 2)  # noqa: E731
+    gf, gp = jax.grad(loss(fast))(params), jax.grad(loss(plain))(params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gf), jax.tree.leaves(gp)):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4 * float(jnp.max(jnp.abs(b))), err_msg=str(path))
+
+
+def test_conv_as_matmul_equals_lax_conv_by_shape():
+    rng = np.random.default_rng(0)
+    for h, k, s, cin, cout in [(1, 3, 1, 5, 4), (2, 3, 2, 3, 6), (3, 3, 1, 4, 2), (4, 1, 2, 6, 3), (5, 7, 2, 3, 4)]:
+        x = jnp.asarray(rng.normal(size=(2, h, h, cin)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
+        ref = jax.lax.conv_general_dilated(x, w, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        np.testing.assert_allclose(models.conv_as_matmul(x, w, s), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", [8, 9, 16])
+def test_max_pool_and_its_gradient_equal_flax_max_pool(side):
+    """Forward equals nn.max_pool; the gradient goes to the first maximum of each window, exactly as
+    XLA's select_and_scatter, ties included (ReLU outputs have many zeros)."""
+    import flax.linen as nn
+
+    x = jax.nn.relu(jax.random.normal(jax.random.key(side), (2, side, side, 3)))
+    x = jnp.round(x * 4) / 4  # many exact ties
+    g = jax.random.normal(jax.random.key(1), (2, -(-side // 2), -(-side // 2), 3))
+    ref_y, ref_vjp = jax.vjp(lambda v: nn.max_pool(v, (3, 3), strides=(2, 2), padding="SAME"), x)
+    y, vjp = jax.vjp(models.max_pool_3x3_s2, x)
+    np.testing.assert_array_equal(y, ref_y)
+    got, ref = vjp(g)[0], ref_vjp(g)[0]
+    np.testing.assert_array_equal(got != 0, ref != 0)  # the same elements receive gradient
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)  # sums over overlapping windows may reorder
