@@ -7,6 +7,7 @@ jit on any number of devices and in train or eval mode.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,6 +99,46 @@ def conv_as_matmul(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndar
     return (patches.reshape(n * oh * ow, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)).reshape(n, oh, ow, cout)
 
 
+def _lax_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_few_inputs(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """XLA's convolution, with the kernel gradient as one matmul per tap.
+
+    For the stem (3 input channels) XLA's weight-gradient convolution reaches only
+    ~13 GFLOP/s on CPU; contracting each tap's (positions x 3) input slice with the
+    (positions x features) output gradient is ~30% faster and sums the same terms.
+    """
+    return _lax_conv(x, kernel, stride)
+
+
+def _few_fwd(x, kernel, stride):
+    return _lax_conv(x, kernel, stride), (x, kernel)
+
+
+def _few_bwd(stride, residuals, g):
+    x, kernel = residuals
+    kh, kw, cin, cout = kernel.shape
+    _, h, w, _ = x.shape
+    oh, pad_h = _same_padding(h, kh, stride)
+    ow, pad_w = _same_padding(w, kw, stride)
+    xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+    g2 = g.reshape(-1, cout)
+    taps = [xp[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride, :].reshape(-1, cin).T @ g2
+            for i in range(kh) for j in range(kw)]
+    d_kernel = jnp.stack(taps).reshape(kh, kw, cin, cout).astype(kernel.dtype)
+    d_x = jax.vjp(lambda v: _lax_conv(v, kernel, stride), x)[1](g)[0]  # dropped by XLA when x is data
+    return d_x, d_kernel
+
+
+conv_few_inputs.defvjp(_few_fwd, _few_bwd)
+
+# Up to this many input channels, ``conv_few_inputs`` computes the kernel gradient (the RGB stem).
+FEW_INPUT_CHANNELS = 4
+
+
 class Conv(nn.Module):
     """A bias-free SAME convolution with ``nn.Conv``'s parameter (``kernel``, HWIO, LeCun normal),
     lowered per call site by output size: XLA's convolution, or ``conv_as_matmul`` for small outputs.
@@ -122,8 +163,9 @@ class Conv(nn.Module):
             return conv_as_matmul(x, kernel, self.strides)
         if self.lowering not in ("auto", "xla"):
             raise ValueError(f"conv lowering must be 'auto' or 'xla', got {self.lowering!r}")
-        return jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.lowering == "auto" and x.shape[-1] <= FEW_INPUT_CHANNELS and k > 1:
+            return conv_few_inputs(x, kernel, self.strides)
+        return _lax_conv(x, kernel, self.strides)
 
 
 @jax.custom_vjp
