@@ -34,27 +34,8 @@ from histokd_jax.data.views import area_downsample  # noqa: E402
 WIDTHS = (32, 64, 128, 256)
 
 
-def forward_flops(input_px: int, widths=WIDTHS, num_classes: int = 3) -> float:
-    """2 x multiply-adds of the paper model's convolutions and head at ``input_px`` (SAME padding)."""
-    flops, side, cin = 0.0, input_px, 3
-
-    def conv(k: int, cout: int, stride: int) -> None:
-        nonlocal flops, side, cin
-        side = -(-side // stride)
-        flops += 2.0 * side * side * k * k * cin * cout
-        cin = cout
-
-    conv(7, widths[0], 2)
-    side = -(-side // 2)  # max-pool
-    for i, w in enumerate(widths):
-        stride = 1 if i == 0 else 2
-        block_in, in_side = cin, side
-        conv(3, w, stride)
-        conv(3, w, 1)
-        if block_in != w or stride != 1:
-            flops += 2.0 * side * side * block_in * w  # 1x1 projection
-        del in_side
-    return flops + 2.0 * cin * num_classes
+def forward_flops(input_px: int) -> float:
+    return models.forward_flops(input_px=input_px, widths=WIDTHS)
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:

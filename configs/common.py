@@ -76,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.blocks_per_stage = (1, 1, 1, 1)
     c.model.num_groups = 32
     c.model.compute_dtype = "float32"  # "bfloat16": mixed precision on GPU/TPU (float32 parameters and losses)
+    c.model.conv_lowering = "auto"  # "auto": small-output convolutions as matmuls (faster on CPU); "xla": never
 
     # Each stage trains one model: its length, global batch, validation cadence and optimiser.
     c.teacher = stage(steps=10_000)

@@ -54,6 +54,32 @@ def stage_sizes(input_px: int, num_stages: int) -> list[int]:
     return sizes
 
 
+def forward_flops(*, input_px: int, widths: Sequence[int] = (32, 64, 128, 256),
+                  blocks_per_stage: Sequence[int] = (1, 1, 1, 1), num_classes: int = 3) -> float:
+    """FLOPs of one forward pass of ``ResNetGN`` on a square image: 2 x the multiply-adds of every
+    convolution (all kernel taps, as papers count them) and of the head; normalisation, ReLU and
+    pooling are not counted. Independent of how XLA lowers the convolutions."""
+    flops, side, cin = 0.0, input_px, 3
+
+    def conv(kernel: int, cout: int, stride: int) -> None:
+        nonlocal flops, side, cin
+        side = -(-side // stride)
+        flops += 2.0 * side * side * kernel * kernel * cin * cout
+        cin = cout
+
+    conv(7, widths[0], 2)
+    side = -(-side // 2)  # max-pool
+    for stage, (width, blocks) in enumerate(zip(widths, blocks_per_stage)):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            block_in = cin
+            conv(3, width, stride)
+            conv(3, width, 1)
+            if block_in != width or stride != 1:
+                flops += 2.0 * side * side * block_in * width  # 1x1 projection, at the output size
+    return flops + 2.0 * cin * num_classes
+
+
 def check_groupnorm(*, input_px: int, widths: Sequence[int], num_groups: int, role: str = "model") -> None:
     """Refuse configurations where GroupNorm would wipe out the signal.
 

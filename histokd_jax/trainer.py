@@ -30,7 +30,7 @@ from histokd_jax.data.pipeline import eval_batches, make_train_loader
 from histokd_jax.data.splits import DataSplits, load_splits, view_spec
 from histokd_jax.metric_writer import MetricWriter
 from histokd_jax.metrics import classification_metrics
-from histokd_jax.models import ResNetGN, check_groupnorm
+from histokd_jax.models import ResNetGN, check_groupnorm, forward_flops
 from histokd_jax.optim import make_optimizer
 from histokd_jax.state import abstract_params, create_train_state, init_params
 
@@ -69,6 +69,7 @@ def make_model(config: ml_collections.ConfigDict, *, num_classes: int) -> ResNet
         blocks_per_stage=tuple(m.blocks_per_stage),
         num_groups=m.num_groups,
         dtype=compute_dtype(m.get("compute_dtype", "float32")),
+        conv_lowering=m.get("conv_lowering", "auto"),
     )
 
 
@@ -80,13 +81,13 @@ def compute_dtype(name: str) -> Any:
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
-def gflops_per_image(model: nn.Module, params: Any, *, input_px: int) -> float:
-    """FLOPs of one forward pass, from XLA's cost analysis of the compiled function."""
-    x = jax.ShapeDtypeStruct((1, input_px, input_px, 3), np.float32)
-    compiled = jax.jit(lambda p, im: model.apply({"params": p}, im)).lower(params, x).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan"))) / 1e9
+def gflops_per_image(model: ResNetGN, params: Any = None, *, input_px: int) -> float:
+    """GFLOPs of one forward pass, counted analytically (``models.forward_flops``: every kernel tap,
+    as papers count them). XLA's cost analysis would depend on the lowering: it skips padded taps of
+    its convolutions but counts them in the patch matmuls that small convolutions become."""
+    del params
+    return forward_flops(input_px=input_px, widths=tuple(model.widths), blocks_per_stage=tuple(model.blocks_per_stage),
+                         num_classes=model.num_classes) / 1e9
 
 
 def evaluate(
@@ -292,9 +293,10 @@ def _check_resumable(manager, *, stage: Stage, config: ml_collections.ConfigDict
     saved = _flat(checkpoint.load_config(manager, manager.latest_step()))
     current = _flat(json.loads(config.to_json()))
     relevant = ("seed", "model.", "data.", f"{stage.section}.")
+    # Fields that only one side has were added or removed by an upgrade of this package: not compared.
     differ = sorted(
-        k for k in set(saved) | set(current)
-        if k.startswith(relevant) and k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k)
+        k for k in set(saved) & set(current)
+        if k.startswith(relevant) and k not in RESUME_FREE_FIELDS and saved[k] != current[k]
     )
     if differ:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:8])

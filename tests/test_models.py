@@ -246,3 +246,19 @@ def test_max_pool_and_its_gradient_equal_flax_max_pool(side):
     got, ref = vjp(g)[0], ref_vjp(g)[0]
     np.testing.assert_array_equal(got != 0, ref != 0)  # the same elements receive gradient
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)  # sums over overlapping windows may reorder
+
+
+def test_forward_flops_of_the_paper_model_by_hand():
+    # 256 px, widths 32/64/128/256, 3 classes; 2 x multiply-adds, every tap of every kernel:
+    #   stem 7x7/2: 128^2 * 49 * 3 * 32                       =  77,070,336 MACs
+    #   stage1 (64x64): 2 x 3x3 32->32: 2 * 64^2 * 9 * 32 * 32  =  75,497,472
+    #   stage2 (32x32): 3x3 32->64 + 3x3 64->64 + 1x1 32->64:
+    #       32^2 * 9 * (32*64 + 64*64) + 32^2 * 32 * 64         =  58,720,256
+    #   stage3 (16x16): 16^2 * 9 * (64*128 + 128*128) + 16^2 * 64 * 128 = 58,720,256
+    #   stage4 (8x8):   8^2 * 9 * (128*256 + 256*256) + 8^2 * 128 * 256  = 58,720,256
+    #   head: 256 * 3                                           =         768
+    macs = 77_070_336 + 75_497_472 + 3 * 58_720_256 + 768
+    assert models.forward_flops(input_px=256) == 2 * macs == 657_458_688
+    # a second block per stage adds two 3x3 width->width convolutions at that stage's size
+    extra = 2 * 2 * (64**2 * 9 * 32 * 32 + 32**2 * 9 * 64 * 64 + 16**2 * 9 * 128 * 128 + 8**2 * 9 * 256 * 256)
+    assert models.forward_flops(input_px=256, blocks_per_stage=(2, 2, 2, 2)) == 2 * macs + extra

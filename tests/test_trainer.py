@@ -60,7 +60,7 @@ def test_launch_end_to_end_writes_results_and_is_not_redone(tmp_path, data_root)
         assert set(trainer.RESULT_KEYS) <= set(row)
         assert row["split"] == "test" and 0.0 <= row["accuracy"] <= 1.0
     assert rows[0]["input_px"] == 64 and rows[1]["input_px"] == 16 and rows[1]["downsample"] == 4
-    # The student sees 16x fewer pixels; with SAME padding the FLOP ratio is at least that.
+    # 16x fewer pixels; the late stages shrink to 1x1 but still count all 9 taps, so the ratio is ~14.6x here
     assert rows[0]["gflops_per_image"] > 10 * rows[1]["gflops_per_image"] > 0
     assert "student_kd" in done.stdout and "teacher / student FLOPs" in done.stdout
     assert (workdir / "config.json").exists() and list((workdir / "tensorboard").iterdir())
