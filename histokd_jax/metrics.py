@@ -89,17 +89,27 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
 
 
 def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap interval of every figure of ``scores`` (resampling tiles with replacement).
+                 level: float = 0.95, groups: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of every figure of ``scores``.
 
-    Seeded, so a report is reproducible; resamples where a figure is undefined
-    (a class drawn zero times) are left out of that figure's interval.
+    Resamples tiles with replacement or, with ``groups`` (e.g. each tile's slide),
+    whole groups: tiles of one slide are not independent, and resampling them as
+    if they were gives intervals that are too narrow. Seeded, so a report is
+    reproducible; resamples where a figure is undefined (a class drawn zero
+    times) are left out of that figure's interval.
     """
     labels, probs = np.asarray(labels), np.asarray(probs)
     rng = np.random.default_rng(seed)
+    members = None
+    if groups is not None:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
     draws: dict[str, list[float]] = {}
     for _ in range(n_boot):
-        idx = rng.integers(0, len(labels), len(labels))
+        if members is None:
+            idx = rng.integers(0, len(labels), len(labels))
+        else:
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         for key, value in scores(labels[idx], probs[idx]).items():
             draws.setdefault(key, []).append(value)
     tail = 100 * (1 - level) / 2

@@ -58,9 +58,9 @@ def model_report(preds: dict, *, n_boot: int = 1000, seed: int = 0, slide_method
     names = preds["class_names"]
     labels, probs = preds["labels"], preds["probs"]
 
-    def block(y: np.ndarray, p: np.ndarray) -> dict:
+    def block(y: np.ndarray, p: np.ndarray, groups: np.ndarray | None = None) -> dict:
         point = metrics.scores(y, p)
-        ci = metrics.bootstrap_ci(y, p, n_boot=n_boot, seed=seed)
+        ci = metrics.bootstrap_ci(y, p, n_boot=n_boot, seed=seed, groups=groups)
         per_class = {
             name: _with_ci(point, ci, [f"{m}/{c}" for m in ("precision", "recall", "f1", "auc")])
             for c, name in enumerate(names)
@@ -72,7 +72,9 @@ def model_report(preds: dict, *, n_boot: int = 1000, seed: int = 0, slide_method
         return {"n": int(len(y)), **_with_ci(point, ci, metrics.SUMMARY_KEYS), "per_class": per_class,
                 "confusion_matrix": cm.tolist()}
 
-    out = {"class_names": names, "tiles": block(labels, probs)}
+    # tile intervals resample whole slides when the tiles come from slides (tiles of a slide are correlated)
+    out = {"class_names": names, "tiles": block(labels, probs, preds.get("slides")),
+           "ci_resampling": "slides" if preds.get("slides") is not None else "tiles"}
     if preds.get("slides") is not None:
         ids, slide_labels, slide_probs = metrics.aggregate_slides(preds["slides"], labels, probs, method=slide_method)
         out["slides"] = {"aggregation": slide_method, **block(slide_labels, slide_probs),
@@ -124,7 +126,9 @@ def _fmt(fig: dict) -> str:
 
 def markdown(report: dict) -> str:
     """The report as Markdown tables: one summary row per model, then slide level, then per class."""
-    lines = ["# Evaluation report", "", "Test split; 95% bootstrap intervals in brackets.", "",
+    resampled = {m.get("ci_resampling", "tiles") for m in report.values()}
+    lines = ["# Evaluation report", "", f"Test split; 95% bootstrap intervals in brackets (resampling "
+             f"{' / '.join(sorted(resampled))}).", "",
              "| model | input px | GFLOPs | tiles | accuracy | balanced acc. | macro-F1 | macro AUC | "
              "top-1 agreement / KL to teacher |",
              "|---|---:|---:|---:|---|---|---|---|---|"]

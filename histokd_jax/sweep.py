@@ -125,7 +125,7 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
         config, run = _run_of(stage_dir)
         preds = report.load_predictions(stage_dir)
         point = metrics.scores(preds["labels"], preds["probs"])
-        ci = metrics.bootstrap_ci(preds["labels"], preds["probs"], n_boot=n_boot, seed=0)
+        ci = metrics.bootstrap_ci(preds["labels"], preds["probs"], n_boot=n_boot, seed=0, groups=preds["slides"])
         factor = 1 if result["role"] == "teacher" else resolve_downsample(config.data)
         teacher_mpp = slides.parse_target(config.data.teacher_magnification) if config.data.teacher_magnification \
             else None
@@ -175,8 +175,8 @@ def write_table(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: 
     workdir = pathlib.Path(workdir)
     rows = table_rows(workdir, n_boot=n_boot, batch_size=batch_size, measure=measure)
     (workdir / "sweep.json").write_text(json.dumps(rows, indent=1))
-    header = (f"# Resolution table: {workdir.name}\n\nTest split, 95% bootstrap CI; GFLOPs from XLA's cost "
-              f"analysis; images/s measured on {jax.device_count()} {jax.default_backend()} device(s), "
+    header = (f"# Resolution table: {workdir.name}\n\nTest split, 95% bootstrap CI (whole slides resampled "
+              f"for slide data); analytic GFLOPs (every kernel tap); images/s measured on {jax.device_count()} {jax.default_backend()} device(s), "
               f"batch {batch_size}.\n\n")
     (workdir / "sweep.md").write_text(header + format_table(rows) + "\n")
     (workdir / "plots").mkdir(exist_ok=True)

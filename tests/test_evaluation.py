@@ -90,6 +90,24 @@ def test_bootstrap_intervals_contain_the_point_estimate_and_repeat_by_seed():
     assert (a["accuracy"][1] - a["accuracy"][0]) / 2 == pytest.approx(half, rel=0.25)
 
 
+def test_slide_bootstrap_resamples_whole_slides_and_widens_for_correlated_tiles():
+    """20 slides of 30 tiles; each slide's tiles are all right or all wrong (perfectly correlated).
+    Resampling tiles treats 600 tiles as independent; resampling slides sees 20 units, so its
+    interval is wider by about sqrt(30)."""
+    rng = np.random.default_rng(0)
+    slides = np.repeat(np.arange(20), 30)
+    labels = rng.integers(0, 2, 600)
+    right = np.repeat(rng.random(20) < 0.7, 30)
+    predicted = np.where(right, labels, 1 - labels)
+    probs = np.eye(2)[predicted] * 0.8 + 0.1
+    tiles = metrics.bootstrap_ci(labels, probs, n_boot=400, seed=0)["accuracy"]
+    by_slide = metrics.bootstrap_ci(labels, probs, n_boot=400, seed=0, groups=slides)["accuracy"]
+    point = metrics.scores(labels, probs)["accuracy"]
+    assert by_slide[0] <= point <= by_slide[1] and tiles[0] <= point <= tiles[1]
+    ratio = (by_slide[1] - by_slide[0]) / (tiles[1] - tiles[0])
+    assert 3.5 < ratio < 8, ratio  # sqrt(30) = 5.5
+
+
 def test_agreement_by_hand():
     t = np.array([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
     s = np.array([[0.25, 0.75], [0.6, 0.4], [0.3, 0.7]])
