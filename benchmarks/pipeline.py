@@ -22,7 +22,6 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from configs import demo, demo_tiles  # noqa: E402
 from histokd_jax import parallel, steps, trainer  # noqa: E402

@@ -25,14 +25,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import jax
-import ml_collections
 import numpy as np
 import openslide
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from histokd_jax import checkpoint, parallel
+from histokd_jax import checkpoint, parallel, report
 from histokd_jax.data import slides
 from histokd_jax.data.splits import resolve_downsample
 from histokd_jax.state import abstract_params
@@ -81,8 +79,7 @@ def load_predictor(checkpoint_dir: str | pathlib.Path, *, model: str = "student"
     stage_dir = workdir / ROLES[model]
     if not (stage_dir / "result.json").exists():
         raise FileNotFoundError(f"no finished {model} model in {workdir} ({stage_dir} has no result.json)")
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    run = json.loads((workdir / "run.json").read_text())
+    config, run = report.load_run(workdir)
     if config.data.teacher_magnification:
         teacher_mpp = slides.parse_target(config.data.teacher_magnification)
     elif teacher_mpp is None:

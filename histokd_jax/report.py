@@ -13,6 +13,7 @@ import json
 import pathlib
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 
 from histokd_jax import metrics
@@ -41,12 +42,22 @@ def load_predictions(stage_dir: str | pathlib.Path) -> dict:
     return out
 
 
+# The order models are listed in: the teacher first, then the students.
+ROLE_ORDER = {"teacher": 0, "student_kd": 1, "student_baseline": 2, "student_control": 3}
+
+
 def find_models(workdir: str | pathlib.Path) -> list[pathlib.Path]:
     """Stage folders under ``workdir`` (any depth: a sweep nests runs) that saved test predictions."""
     workdir = pathlib.Path(workdir)
-    order = {"teacher": 0, "student_kd": 1, "student_baseline": 2, "student_control": 3}
     return sorted((p.parent for p in workdir.rglob(PREDICTIONS)),
-                  key=lambda d: (d.parent != workdir, d.parent.name, order.get(d.name, 9), d.name))
+                  key=lambda d: (d.parent != workdir, d.parent.name, ROLE_ORDER.get(d.name, 9), d.name))
+
+
+def load_run(run_dir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, dict]:
+    """(the resolved config, run.json) of a training run folder."""
+    run_dir = pathlib.Path(run_dir)
+    config = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
+    return config, json.loads((run_dir / "run.json").read_text())
 
 
 def _with_ci(point: dict[str, float], ci: dict[str, tuple[float, float]], keys: Sequence[str]) -> dict:

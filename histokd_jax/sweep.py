@@ -28,9 +28,6 @@ from histokd_jax import metrics, parallel, report
 from histokd_jax.data import slides
 from histokd_jax.data.splits import resolve_downsample
 
-ROLE_ORDER = {"teacher": 0, "student_kd": 1, "student_baseline": 2, "student_control": 3}
-
-
 def cell_name(factor: int, fraction: float) -> str:
     return f"f{factor}" if fraction == 1.0 else f"f{factor}_pool{round(100 * fraction)}"
 
@@ -108,12 +105,6 @@ def images_per_second(config: ml_collections.ConfigDict, *, num_classes: int, in
     return batch_size / float(np.median(times))
 
 
-def _run_of(stage_dir: pathlib.Path) -> tuple[ml_collections.ConfigDict, dict]:
-    run_dir = stage_dir.parent
-    config = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
-    return config, json.loads((run_dir / "run.json").read_text())
-
-
 def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: int = 64,
                measure: bool = True) -> list[dict]:
     """One row per finished model under ``workdir`` (a sweep or a single run), teacher first, then by factor."""
@@ -122,7 +113,7 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
     teacher_gflops = None
     for stage_dir in report.find_models(workdir):
         result = json.loads((stage_dir / "result.json").read_text())
-        config, run = _run_of(stage_dir)
+        config, run = report.load_run(stage_dir.parent)
         preds = report.load_predictions(stage_dir)
         point = metrics.scores(preds["labels"], preds["probs"])
         ci = metrics.bootstrap_ci(preds["labels"], preds["probs"], n_boot=n_boot, seed=0, groups=preds["slides"])
@@ -145,7 +136,7 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
         if result["role"] == "teacher":
             teacher_gflops = result["gflops_per_image"]
         rows.append(row)
-    rows.sort(key=lambda r: (r["factor"], ROLE_ORDER.get(r["role"], 9), -(r["pool"] or 0), r["model"]))
+    rows.sort(key=lambda r: (r["factor"], report.ROLE_ORDER.get(r["role"], 9), -(r["pool"] or 0), r["model"]))
     for row in rows:
         row["flop_ratio"] = teacher_gflops / row["gflops_per_image"] if teacher_gflops else None
     return rows
