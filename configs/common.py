@@ -89,6 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.loss.temperature = 1.0
     c.distill.loss.feature_kind = "l2"  # "l2" | "l1"
     c.distill.loss.feature_resize = "maxpool"  # "maxpool" | "bicubic" | "maxpool+bicubic"
+    # Cheaper teacher targets (histokd_jax/teacher_targets.py; measured in BENCHMARKS.md). Defaults: the teacher
+    # runs live, in the model's precision, on every student view.
+    c.distill.views_per_crop = 1  # K > 1: one teacher pass per crop, K flipped/rotated student views of it
+    c.distill.target_cache = False  # True: teacher targets of the un-jittered pool computed once, then reused
+    c.distill.teacher_dtype = ""  # "" = model.compute_dtype; "bfloat16": the teacher alone at reduced precision
     c.baseline = stage(steps=10_000)
     # Synthetic data only: the student trained on the whole pool with its true labels (the sweep's ceiling).
     c.control = stage(steps=10_000)

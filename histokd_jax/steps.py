@@ -18,6 +18,7 @@ import optax
 from histokd_jax import losses
 from histokd_jax.models import last_stage, normalize_images
 from histokd_jax.state import TrainState
+from histokd_jax.teacher_targets import expand_views
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,7 @@ def distill_step(
     teacher: nn.Module,
     tx: optax.GradientTransformation,
     loss: DistillLoss = DistillLoss(),
+    views_per_crop: int = 1,
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
     """One student update against the frozen teacher, run live on the same crop.
 
@@ -85,11 +87,24 @@ def distill_step(
     ``student_image`` (the same augmented crop, downsampled). Teacher outputs pass
     through ``stop_gradient`` and its parameters are an argument, not part of the
     state: they are never differentiated, updated or donated.
+
+    Cheaper teacher targets (``teacher_targets``): a batch that carries
+    ``teacher_logits``/``teacher_map`` (a target cache) skips the teacher, and
+    ``views_per_crop=K`` trains the student on K dihedral views of each crop against
+    one teacher pass (the batch then holds B/K crops for B student views).
     """
-    t_logits, t_features = teacher.apply({"params": teacher_params}, normalize_images(batch["teacher_image"]))
-    t_logits = jax.lax.stop_gradient(t_logits)
-    t_map = jax.lax.stop_gradient(last_stage(t_features))
-    s_images = normalize_images(batch["student_image"])
+    if "teacher_map" in batch:
+        t_logits, t_map = batch["teacher_logits"], batch["teacher_map"]
+    else:
+        t_logits, t_features = teacher.apply({"params": teacher_params}, normalize_images(batch["teacher_image"]))
+        t_map = last_stage(t_features)
+    t_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
+    t_map = jax.lax.stop_gradient(t_map.astype(jnp.float32))
+    s_images, labels, has_label = batch["student_image"], batch["label"], batch["has_label"]
+    if views_per_crop > 1:
+        s_images, t_logits, t_map, labels, has_label = expand_views(batch, t_logits, t_map,
+                                                                    views_per_crop=views_per_crop)
+    s_images = normalize_images(s_images)
 
     def loss_fn(params):
         s_logits, s_features = student.apply({"params": params}, s_images)
@@ -99,7 +114,7 @@ def distill_step(
             if loss.w_feat
             else jnp.zeros(())
         )
-        ce = losses.cross_entropy(s_logits, batch["label"], batch["has_label"]) if loss.w_ce else jnp.zeros(())
+        ce = losses.cross_entropy(s_logits, labels, has_label) if loss.w_ce else jnp.zeros(())
         total = loss.w_kl * kl + loss.w_feat * feat + loss.w_ce * ce
         return total, (s_logits, kl, feat, ce)
 

@@ -25,16 +25,16 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from histokd_jax import checkpoint, parallel, report, steps
+from histokd_jax import checkpoint, parallel, report, steps, teacher_targets
 from histokd_jax.data.pipeline import eval_batches, make_train_loader
 from histokd_jax.data.splits import DataSplits, load_splits, view_spec
+from histokd_jax.config_checks import check_config, check_teacher_matches, require_finished_teacher
 from histokd_jax.metric_writer import MetricWriter
 from histokd_jax.metrics import classification_metrics
-from histokd_jax.models import ResNetGN, check_groupnorm, forward_flops
+from histokd_jax.models import ResNetGN, forward_flops
 from histokd_jax.optim import make_optimizer
 from histokd_jax.state import abstract_params, create_train_state, init_params
 
-STAGE_NAMES = ("teacher", "distill", "baseline", "control")
 RESULT_KEYS = ("role", "input_px", "downsample", "split", "accuracy", "balanced_accuracy", "macro_f1", "gflops_per_image")
 
 
@@ -59,6 +59,8 @@ class Stage:
     make_step: Callable[[Any], Callable]  # tx -> unjitted step(state, [teacher_params,] batch)
     seed: int
     teacher_params: Any = None  # distillation only: the frozen teacher, passed to every step
+    views_per_crop: int = 1  # distillation: student views per teacher crop (the loader batch is batch_size / this)
+    prepare_source: Callable[..., Any] | None = None  # (source, mesh=) -> source, e.g. attach cached teacher targets, once training starts
 
 
 def make_model(config: ml_collections.ConfigDict, *, num_classes: int) -> ResNetGN:
@@ -161,13 +163,18 @@ def run_stage(
     params = init_params(stage.model, rng=jax.random.key(stage.seed), input_px=stage.input_px)
 
     cfg, train = stage.cfg, config.train
-    per_process_batch = parallel.check_batch_size(cfg.batch_size, mesh=mesh, what=f"{stage.role} batch_size")
+    crops = cfg.batch_size // stage.views_per_crop
+    if crops * stage.views_per_crop != cfg.batch_size:
+        raise ValueError(f"{stage.section}.batch_size={cfg.batch_size} is not a multiple of "
+                         f"distill.views_per_crop={stage.views_per_crop}")
+    per_process_batch = parallel.check_batch_size(crops, mesh=mesh, what=f"{stage.role} crops per batch "
+                                                  f"({stage.section}.batch_size / views per crop)")
     parallel.check_batch_size(train.eval_batch_size, mesh=mesh, what="train.eval_batch_size")
     tx = make_optimizer(cfg.optim, total_steps=cfg.steps)
     state = parallel.put_replicated(create_train_state(params, tx=tx), mesh=mesh)
     iterator = iter(
         make_train_loader(
-            stage.train_source,
+            stage.prepare_source(stage.train_source, mesh=mesh) if stage.prepare_source else stage.train_source,
             spec=view_spec(config.data, train=True),
             batch_size=per_process_batch,
             seed=stage.seed,
@@ -344,12 +351,19 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
             make_step=lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx, image_key="teacher_image"),
         )
     if name == "distill":
-        loss = steps.DistillLoss(**config.distill.loss.to_dict())
+        d = config.distill
+        loss = steps.DistillLoss(**d.loss.to_dict())
+        teacher = model.clone(dtype=compute_dtype(d.teacher_dtype)) if d.get("teacher_dtype") else model
+        cache = None
+        if d.get("target_cache"):
+            cache = functools.partial(_cache_targets, teacher_params=teacher_params, teacher=teacher, config=config)
         return Stage(
-            role="student_kd", section="distill", cfg=config.distill, model=model, image_key="student_image", input_px=spec.student_px,
+            role="student_kd", section="distill", cfg=d, model=model, image_key="student_image", input_px=spec.student_px,
             downsample=spec.downsample, train_source=splits.pool,
-            seed=config.seed + 1, teacher_params=teacher_params,
-            make_step=lambda tx: functools.partial(steps.distill_step, student=model, teacher=model, tx=tx, loss=loss),
+            seed=config.seed + 1, teacher_params=teacher_params, views_per_crop=d.get("views_per_crop", 1),
+            prepare_source=cache,
+            make_step=lambda tx: functools.partial(steps.distill_step, student=model, teacher=teacher, tx=tx, loss=loss,
+                                                   views_per_crop=d.get("views_per_crop", 1)),
         )
     if name == "control":  # the ceiling: the student trained on the whole pool with its true labels
         if splits.pool_truth is None:
@@ -369,22 +383,25 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
     )
 
 
+def _cache_targets(source, *, teacher_params, teacher, config, mesh) -> teacher_targets.CachedTargetSource:
+    """``distill.target_cache``: one teacher pass over the pool, before the student's first step."""
+    started = time.perf_counter()
+    logits, maps = teacher_targets.compute_targets(
+        teacher_params, source, teacher=teacher, spec=view_spec(config.data, train=False),
+        mesh=mesh, batch_size=config.train.eval_batch_size, show_progress=config.train.progress)
+    say(f"teacher targets cached for {len(source)} pool crops in {time.perf_counter() - started:.1f} s "
+        f"({maps.nbytes / 2**20:.0f} MiB of feature maps)")
+    return teacher_targets.CachedTargetSource(source, logits=logits, maps=maps)
+
+
 def _teacher_params(config, *, model, input_px, mesh, workdir, class_names) -> Any:
-    """The frozen teacher for distillation: ``teacher.checkpoint`` or this workdir's finished teacher."""
-    source = pathlib.Path(config.teacher.checkpoint) if config.teacher.checkpoint else workdir / "teacher"
-    hint = "add 'teacher' to config.stages or set --config.teacher.checkpoint=/path/to/workdir/teacher"
-    if not (source / "result.json").exists():
-        state = "has not finished training" if source.exists() else "does not exist"
-        raise FileNotFoundError(f"distillation needs a finished teacher: {source} {state}; {hint}")
-    run_file = source.parent / "run.json"
-    if run_file.exists():  # the teacher's own run records the data it was trained on
-        run = json.loads(run_file.read_text())
-        names = list(class_names)
-        if run.get("class_names") not in (None, names) or run.get("teacher_px") not in (None, input_px):
-            raise ValueError(
-                f"the teacher at {source} was trained on classes {run.get('class_names')} at "
-                f"{run.get('teacher_px')} px; this config has {names} at {input_px} px"
-            )
+    """The frozen teacher for distillation: ``teacher.checkpoint`` or this workdir's finished teacher.
+
+    Its saved config must match this one (architecture, the classes the data have, resolution), then
+    every parameter must load with its shape: never a loosely loaded, partly random teacher.
+    """
+    source = require_finished_teacher(config, workdir=workdir)
+    check_teacher_matches(config, source, class_names=class_names)
     params, _ = checkpoint.load_best_params(source, params_like=abstract_params(model, input_px=input_px), mesh=mesh)
     return params
 
@@ -402,17 +419,12 @@ def train_and_evaluate(
     after a step with a checkpoint saved; the function then returns None.
     """
     workdir = pathlib.Path(workdir).absolute()
+    check_config(config, device_count=jax.device_count(), workdir=workdir)  # before any data, model or compile
     workdir.mkdir(parents=True, exist_ok=True)
-    unknown = set(config.stages) - set(STAGE_NAMES)
-    if unknown:
-        raise ValueError(f"config.stages has unknown names {sorted(unknown)}; use {', '.join(STAGE_NAMES)}")
-    _validate(config)
     splits = load_splits(config.data, workdir=workdir, config_name=config_name)
     train_spec = view_spec(config.data, train=True)
     teacher_px, student_px = train_spec.teacher_px, train_spec.student_px
     model = make_model(config, num_classes=len(splits.class_names))
-    check_groupnorm(input_px=teacher_px, widths=config.model.widths, num_groups=config.model.num_groups, role="teacher")
-    check_groupnorm(input_px=student_px, widths=config.model.widths, num_groups=config.model.num_groups, role="student")
     mesh = parallel.make_mesh()
     writer = MetricWriter(workdir)
     if writer.enabled:
@@ -476,20 +488,6 @@ def finish_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, spli
             say(f"student heatmap: {workdir / 'predictions' / pathlib.Path(s['slide']).stem}.heatmap.png "
                 f"(predicted {s['predicted']}, {s['tiles']} tiles at {s['tiles_per_s']:.0f} tiles/s)")
     say(f"report: {workdir / 'report.md'}; table: {workdir / 'sweep.md'}; figures: {workdir / 'plots'}")
-
-
-def _validate(config: ml_collections.ConfigDict) -> None:
-    """Catch settings that would otherwise fail late (after minutes of training)."""
-    allowed = ("accuracy", "balanced_accuracy", "macro_f1")
-    if config.train.select_metric not in allowed:
-        raise ValueError(f"train.select_metric must be one of {allowed}, got {config.train.select_metric!r}")
-    for name in ("log_every_steps", "checkpoint_every_steps"):
-        if config.train[name] <= 0:
-            raise ValueError(f"train.{name} must be positive, got {config.train[name]}")
-    for section in STAGE_NAMES:
-        for name in ("steps", "eval_every_steps", "batch_size"):
-            if config[section][name] <= 0:
-                raise ValueError(f"{section}.{name} must be positive, got {config[section][name]}")
 
 
 def _run_metadata(splits: DataSplits, mesh, teacher_px: int, student_px: int) -> dict:

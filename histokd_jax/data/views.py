@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import grain
+import jax.numpy as jnp
 import numpy as np
 
 ALLOWED_DOWNSAMPLES = (1, 2, 4, 8, 16)
@@ -69,6 +70,26 @@ def color_jitter(
     return np.clip(image @ matrix.astype(np.float32) + offset.astype(np.float32), 0.0, 1.0)
 
 
+# The 8 elements of the square's symmetry group as (mirror left-right first?, quarter turns), ordered so
+# that the first K are as different as possible for small K (identity, half turn, mirror, quarter turn...).
+DIHEDRAL: tuple[tuple[bool, int], ...] = (
+    (False, 0), (False, 2), (True, 0), (False, 1), (True, 1), (False, 3), (True, 2), (True, 3)
+)
+
+
+def dihedral(x, index: int, *, axes: tuple[int, int] = (1, 2)):
+    """Element ``index`` of ``DIHEDRAL`` applied to the (row, column) ``axes`` of a numpy or jax array.
+
+    The same call turns an NHWC batch of images and an NHWC batch of feature maps
+    alike, which is what keeps a student view paired with its teacher target.
+    """
+    mirror, turns = DIHEDRAL[index]
+    xp = np if isinstance(x, np.ndarray) else jnp  # jax arrays and tracers
+    if mirror:
+        x = xp.flip(x, axis=axes[1])
+    return xp.rot90(x, k=turns, axes=axes)
+
+
 def crop(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
     """A ``size`` square crop: random when ``rng`` is given, central otherwise."""
     h, w, _ = image.shape
@@ -119,13 +140,36 @@ def make_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None
     """``{image, label, has_label}`` -> ``{teacher_image, student_image, label, has_label}``.
 
     With ``rng=None`` (evaluation) the crop is central and nothing is augmented.
+    A record with cached teacher targets (``teacher_logits``, ``teacher_map``: see
+    ``teacher_targets.CachedTargetSource``) is cropped centrally, as when it was
+    cached, and only flipped and rotated, together with its map.
     """
+    if "teacher_map" in element:
+        return _cached_views(element, spec=spec, rng=rng)
     teacher = crop(element["image"], spec.teacher_px, rng)
     if rng is not None:
         teacher = augment(teacher, rng, spec=spec)
     return {
         "teacher_image": teacher,
         "student_image": area_downsample(teacher, spec.downsample),
+        "label": np.int32(element["label"]),
+        "has_label": np.bool_(element["has_label"]),
+    }
+
+
+def _cached_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None) -> dict:
+    teacher, t_map = crop(element["image"], spec.teacher_px, None), element["teacher_map"]
+    if rng is not None:
+        allowed = [i for i, (mirror, turns) in enumerate(DIHEDRAL)
+                   if (spec.flips or not mirror) and (spec.rot90 or not turns)]
+        index = allowed[int(rng.integers(0, len(allowed)))]
+        teacher = np.ascontiguousarray(dihedral(teacher, index, axes=(0, 1)))
+        t_map = np.ascontiguousarray(dihedral(t_map, index, axes=(0, 1)))
+    return {
+        "teacher_image": teacher,
+        "student_image": area_downsample(teacher, spec.downsample),
+        "teacher_logits": np.asarray(element["teacher_logits"], np.float32),
+        "teacher_map": np.asarray(t_map, np.float32),
         "label": np.int32(element["label"]),
         "has_label": np.bool_(element["has_label"]),
     }

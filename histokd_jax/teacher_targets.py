@@ -1,0 +1,94 @@
+"""Cheaper teacher targets: reuse one teacher pass for several student views, or cache it.
+
+The frozen teacher's high-resolution forward pass is most of a distillation step
+(65-90% on CPU). Two ways to spend less on it while keeping the views consistent
+(the student's view and the teacher's target always show the same tissue the same
+way up):
+
+- ``distill.views_per_crop = K``: the teacher runs once per crop and the student
+  trains on K dihedral transforms (flips, quarter turns) of that crop; the teacher's
+  feature map is turned the same way, its logits are reused as they are.
+- ``distill.target_cache = True``: the teacher runs once over the whole pool
+  (central, un-jittered crops) before training; training then draws dihedral
+  transforms of each crop and of its cached map, with no colour jitter (the cache
+  holds the un-jittered crop's targets).
+
+Both are exact only for a teacher that is itself flip/rotation equivariant; the
+demo measures what they cost in accuracy (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from histokd_jax import parallel
+from histokd_jax.data.pipeline import eval_batches
+from histokd_jax.data.views import DIHEDRAL, dihedral
+from histokd_jax.models import last_stage, normalize_images
+
+def expand_views(batch: dict[str, jnp.ndarray], t_logits: jnp.ndarray, t_map: jnp.ndarray, *, views_per_crop: int):
+    """Stack ``views_per_crop`` dihedral transforms of every crop (student image, teacher map) along the batch.
+
+    Returns ``(student_images, teacher_logits, teacher_maps, labels, has_label)`` of
+    ``K * B`` rows: rows ``[k*B, (k+1)*B)`` are transform ``k`` of the B crops.
+    """
+    if not 1 <= views_per_crop <= len(DIHEDRAL):
+        raise ValueError(f"distill.views_per_crop must be in 1..{len(DIHEDRAL)}, got {views_per_crop}")
+    ks = range(views_per_crop)
+    images = jnp.concatenate([dihedral(batch["student_image"], k) for k in ks])
+    maps = jnp.concatenate([dihedral(t_map, k) for k in ks])
+    tile = functools.partial(jnp.tile, reps=views_per_crop)
+    return images, jnp.tile(t_logits, (views_per_crop, 1)), maps, tile(batch["label"]), tile(batch["has_label"])
+
+
+def compute_targets(
+    teacher_params: Any, source, *, teacher, spec, mesh, batch_size: int, show_progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's (logits, last feature map) for every record's central un-augmented crop, in record order."""
+
+    def forward(params, batch):
+        logits, features = teacher.apply({"params": params}, normalize_images(batch["teacher_image"]))
+        return logits.astype(jnp.float32), last_stage(features).astype(jnp.float32)
+
+    fn = jax.jit(forward, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+    logits, maps = [], []
+    batches = eval_batches(source, spec=spec, global_batch_size=batch_size)
+    total = -(-len(source) // batch_size)
+    for batch, valid in tqdm(batches, total=total, desc="teacher targets", unit="batch",
+                             disable=not show_progress or jax.process_index() != 0, leave=False):
+        batch = {k: v for k, v in batch.items() if k == "teacher_image"}
+        out_logits, out_maps = fn(teacher_params, parallel.put_batch(batch, mesh=mesh))
+        logits.append(np.asarray(out_logits)[valid])
+        maps.append(np.asarray(out_maps)[valid])
+    return np.concatenate(logits), np.concatenate(maps)
+
+
+class CachedTargetSource:
+    """A source whose records carry the teacher's cached targets (``teacher_logits``, ``teacher_map``).
+
+    ``data.views.make_views`` sees them and then crops centrally, applies the same
+    random dihedral transform to the crop and the map, and skips colour jitter.
+    """
+
+    def __init__(self, source, *, logits: np.ndarray, maps: np.ndarray):
+        if not len(source) == len(logits) == len(maps):
+            raise ValueError(f"{len(logits)} cached targets for a source of {len(source)} records")
+        self.source, self.logits, self.maps = source, logits, maps
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        element = dict(self.source[index])
+        element["teacher_logits"], element["teacher_map"] = self.logits[index], self.maps[index]
+        return element
+
+    def labels(self) -> np.ndarray:
+        return self.source.labels()
