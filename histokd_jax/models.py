@@ -44,7 +44,9 @@ def groups_for(channels: int, num_groups: int) -> int:
 
 
 def stage_sizes(input_px: int, num_stages: int) -> list[int]:
-    """Spatial side of each stage's output for a square input (stem /2, pool /2, then /2 per stage)."""
+    """Spatial side of each stage's output for a square input (stem /2, pool /2, then /2 per stage).
+
+    Either padding gives these sizes: ceil(n / 2) for every stride-2 layer."""
     side = -(-input_px // 2)  # 7x7/2 conv, SAME padding
     side = -(-side // 2)  # 3x3/2 max-pool, SAME padding
     sizes = [side]
@@ -105,6 +107,12 @@ def check_groupnorm(*, input_px: int, widths: Sequence[int], num_groups: int, ro
 MATMUL_MAX_POSITIONS = 16
 
 
+# ``ResNetGN.padding``: "same" is XLA's SAME (the extra row/column at the bottom/right when a stride
+# meets an even size); "symmetric" is PyTorch's ``padding=k // 2`` on both sides, which a teacher
+# imported from the authors' PyTorch code needs (``histokd_jax.torch_interop``). Output sizes agree.
+PADDINGS = ("same", "symmetric")
+
+
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, tuple[int, int]]:
     """Output size and (low, high) padding of XLA's SAME convolution along one axis."""
     out = -(-size // stride)
@@ -112,12 +120,22 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, tuple[int, 
     return out, (total // 2, total - total // 2)
 
 
-def conv_as_matmul(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
-    """SAME convolution (NHWC x HWIO) as patches @ kernel: the same sums as ``lax.conv`` in another order."""
+def _padding(size: int, kernel: int, stride: int, padding: str) -> tuple[int, tuple[int, int]]:
+    """Output size and (low, high) padding along one axis for ``padding`` ("same" or "symmetric")."""
+    if padding == "same":
+        return _same_padding(size, kernel, stride)
+    if padding != "symmetric":
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    pad = kernel // 2
+    return (size + 2 * pad - kernel) // stride + 1, (pad, pad)
+
+
+def conv_as_matmul(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: str = "same") -> jnp.ndarray:
+    """Convolution (NHWC x HWIO) as patches @ kernel: the same sums as ``lax.conv`` in another order."""
     kh, kw, cin, cout = kernel.shape
     n, h, w, _ = x.shape
-    oh, pad_h = _same_padding(h, kh, stride)
-    ow, pad_w = _same_padding(w, kw, stride)
+    oh, pad_h = _padding(h, kh, stride, padding)
+    ow, pad_w = _padding(w, kw, stride, padding)
     xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
     taps = [xp[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride, :]
             for i in range(kh) for j in range(kw)]
@@ -125,37 +143,42 @@ def conv_as_matmul(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndar
     return (patches.reshape(n * oh * ow, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)).reshape(n, oh, ow, cout)
 
 
-def _lax_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def _lax_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: str = "same") -> jnp.ndarray:
+    if padding == "same":
+        pads = "SAME"
+    else:
+        pads = [_padding(x.shape[1], kernel.shape[0], stride, padding)[1],
+                _padding(x.shape[2], kernel.shape[1], stride, padding)[1]]
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_few_inputs(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_few_inputs(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: str = "same") -> jnp.ndarray:
     """XLA's convolution, with the kernel gradient as one matmul per tap.
 
     For the stem (3 input channels) XLA's weight-gradient convolution reaches only
     ~13 GFLOP/s on CPU; contracting each tap's (positions x 3) input slice with the
     (positions x features) output gradient is ~30% faster and sums the same terms.
     """
-    return _lax_conv(x, kernel, stride)
+    return _lax_conv(x, kernel, stride, padding)
 
 
-def _few_fwd(x, kernel, stride):
-    return _lax_conv(x, kernel, stride), (x, kernel)
+def _few_fwd(x, kernel, stride, padding):
+    return _lax_conv(x, kernel, stride, padding), (x, kernel)
 
 
-def _few_bwd(stride, residuals, g):
+def _few_bwd(stride, padding, residuals, g):
     x, kernel = residuals
     kh, kw, cin, cout = kernel.shape
     _, h, w, _ = x.shape
-    oh, pad_h = _same_padding(h, kh, stride)
-    ow, pad_w = _same_padding(w, kw, stride)
+    oh, pad_h = _padding(h, kh, stride, padding)
+    ow, pad_w = _padding(w, kw, stride, padding)
     xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
     g2 = g.reshape(-1, cout)
     taps = [xp[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride, :].reshape(-1, cin).T @ g2
             for i in range(kh) for j in range(kw)]
     d_kernel = jnp.stack(taps).reshape(kh, kw, cin, cout).astype(kernel.dtype)
-    d_x = jax.vjp(lambda v: _lax_conv(v, kernel, stride), x)[1](g)[0]  # dropped by XLA when x is data
+    d_x = jax.vjp(lambda v: _lax_conv(v, kernel, stride, padding), x)[1](g)[0]  # dropped by XLA when x is data
     return d_x, d_kernel
 
 
@@ -166,10 +189,11 @@ FEW_INPUT_CHANNELS = 4
 
 
 class Conv(nn.Module):
-    """A bias-free SAME convolution with ``nn.Conv``'s parameter (``kernel``, HWIO, LeCun normal),
+    """A bias-free convolution with ``nn.Conv``'s parameter (``kernel``, HWIO, LeCun normal),
     lowered per call site by output size: XLA's convolution, or ``conv_as_matmul`` for small outputs.
 
-    ``lowering="xla"`` forces the plain convolution (the reference the tests compare against).
+    ``lowering="xla"`` forces the plain convolution (the reference the tests compare against);
+    ``padding`` is "same" or "symmetric" (see ``PADDINGS``).
     """
 
     features: int
@@ -177,45 +201,50 @@ class Conv(nn.Module):
     strides: int = 1
     dtype: Any = jnp.float32
     lowering: str = "auto"
+    padding: str = "same"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         k = self.kernel_size
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        oh = -(-x.shape[1] // self.strides)
-        ow = -(-x.shape[2] // self.strides)
+        oh, _ = _padding(x.shape[1], k, self.strides, self.padding)
+        ow, _ = _padding(x.shape[2], k, self.strides, self.padding)
         if self.lowering == "auto" and oh * ow <= MATMUL_MAX_POSITIONS:
-            return conv_as_matmul(x, kernel, self.strides)
+            return conv_as_matmul(x, kernel, self.strides, self.padding)
         if self.lowering not in ("auto", "xla"):
             raise ValueError(f"conv lowering must be 'auto' or 'xla', got {self.lowering!r}")
         if self.lowering == "auto" and x.shape[-1] <= FEW_INPUT_CHANNELS and k > 1:
-            return conv_few_inputs(x, kernel, self.strides)
-        return _lax_conv(x, kernel, self.strides)
+            return conv_few_inputs(x, kernel, self.strides, self.padding)
+        return _lax_conv(x, kernel, self.strides, self.padding)
 
 
-@jax.custom_vjp
-def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
-    """The stem's 3x3 / stride-2 SAME max-pool, with a faster gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool_3x3_s2(x: jnp.ndarray, padding: str = "same") -> jnp.ndarray:
+    """The stem's 3x3 / stride-2 max-pool (padding with -inf, "same" or "symmetric"), with a faster gradient.
 
     The forward pass is XLA's ``reduce_window``. Its automatic gradient
     (``select_and_scatter``) is 4-5x slower on CPU than the forward and backward of
     the whole following stage; ``_max_pool_grad`` routes each gradient to the first
     maximum of its window (the same rule) with nine strided comparisons instead.
     """
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
+    if padding == "same":
+        pads = "SAME"
+    else:
+        pads = ((0, 0), _padding(x.shape[1], 3, 2, padding)[1], _padding(x.shape[2], 3, 2, padding)[1], (0, 0))
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pads)
 
 
-def _max_pool_fwd(x: jnp.ndarray) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
-    y = max_pool_3x3_s2(x)
+def _max_pool_fwd(x: jnp.ndarray, padding: str) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+    y = max_pool_3x3_s2(x, padding)
     return y, (x, y)
 
 
-def _max_pool_grad(residuals: tuple[jnp.ndarray, jnp.ndarray], g: jnp.ndarray) -> tuple[jnp.ndarray]:
+def _max_pool_grad(padding: str, residuals: tuple[jnp.ndarray, jnp.ndarray], g: jnp.ndarray) -> tuple[jnp.ndarray]:
     x, y = residuals
     _, h, w, _ = x.shape
-    oh, (top, bottom) = _same_padding(h, 3, 2)
-    ow, (left, right) = _same_padding(w, 3, 2)
+    oh, (top, bottom) = _padding(h, 3, 2, padding)
+    ow, (left, right) = _padding(w, 3, 2, padding)
     xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=-jnp.inf)
     grad = jnp.zeros(xp.shape, g.dtype)
     taken = jnp.zeros(y.shape, bool)
@@ -243,12 +272,13 @@ class BasicBlock(nn.Module):
     num_groups: int
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     conv_lowering: str = "auto"
+    padding: str = "same"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         groups = groups_for(self.features, self.num_groups)
         conv = lambda k, s, name: Conv(self.features, k, s, dtype=self.dtype, lowering=self.conv_lowering,  # noqa: E731
-                                       name=name)
+                                       padding=self.padding, name=name)
         norm = lambda name: nn.GroupNorm(num_groups=groups, dtype=self.dtype, name=name)  # noqa: E731
         y = nn.relu(norm("norm1")(conv(3, self.strides, "conv1")(x)))
         y = norm("norm2")(conv(3, 1, "conv2")(y))
@@ -276,22 +306,27 @@ class ResNetGN(nn.Module):
     # "auto": small-output convolutions as matmuls (faster on CPU; same parameters and sums);
     # "xla": every convolution through XLA's kernel.
     conv_lowering: str = "auto"
+    # "same": XLA's SAME padding; "symmetric": PyTorch's k // 2 on both sides (for imported PyTorch weights).
+    padding: str = "same"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         if len(self.widths) != len(self.blocks_per_stage):
             raise ValueError(f"widths {self.widths} and blocks_per_stage {self.blocks_per_stage} differ in length")
         stem_width = self.widths[0]
-        x = Conv(stem_width, 7, 2, dtype=self.dtype, lowering=self.conv_lowering, name="stem_conv")(x)
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+        x = Conv(stem_width, 7, 2, dtype=self.dtype, lowering=self.conv_lowering, padding=self.padding,
+                 name="stem_conv")(x)
         x = nn.relu(nn.GroupNorm(num_groups=groups_for(stem_width, self.num_groups), dtype=self.dtype,
                                  name="stem_norm")(x))
-        x = max_pool_3x3_s2(x)
+        x = max_pool_3x3_s2(x, self.padding)
         features = {}
         for stage, (width, blocks) in enumerate(zip(self.widths, self.blocks_per_stage), start=1):
             for block in range(blocks):
                 strides = 2 if stage > 1 and block == 0 else 1
                 x = BasicBlock(width, strides, self.num_groups, dtype=self.dtype, conv_lowering=self.conv_lowering,
-                               name=f"stage{stage}_block{block}")(x)
+                               padding=self.padding, name=f"stage{stage}_block{block}")(x)
             features[f"stage{stage}"] = x
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pooled"] = pooled

@@ -202,13 +202,13 @@ def test_normalize_images_per_channel():
     assert out.dtype == np.float32
 
 
-@pytest.mark.parametrize("px", [32, 20])
-def test_matmul_lowering_matches_xla_convolutions(px):
+@pytest.mark.parametrize("px,padding", [(32, "same"), (20, "same"), (20, "symmetric")])
+def test_matmul_lowering_matches_xla_convolutions(px, padding):
     """Small-output convolutions run as patches @ kernel ("auto"); logits, every feature map and the
     parameter gradients must equal the plain XLA-convolution model ("xla") to float tolerance."""
     import dataclasses
 
-    fast = models.ResNetGN(num_classes=3, widths=(32, 64, 128, 256), num_groups=8)
+    fast = models.ResNetGN(num_classes=3, widths=(32, 64, 128, 256), num_groups=8, padding=padding)
     plain = dataclasses.replace(fast, conv_lowering="xla")
     params = jax.jit(fast.init)(jax.random.key(0), jnp.zeros((1, px, px, 3)))["params"]
     x = jax.random.normal(jax.random.key(1), (4, px, px, 3))
@@ -262,3 +262,87 @@ def test_forward_flops_of_the_paper_model_by_hand():
     # a second block per stage adds two 3x3 width->width convolutions at that stage's size
     extra = 2 * 2 * (64**2 * 9 * 32 * 32 + 32**2 * 9 * 64 * 64 + 16**2 * 9 * 128 * 128 + 8**2 * 9 * 256 * 256)
     assert models.forward_flops(input_px=256, blocks_per_stage=(2, 2, 2, 2)) == 2 * macs + extra
+
+
+# (side, kernel, stride, cin, cout): even and odd sides with stride 2, where SAME pads asymmetrically.
+SYMMETRIC_CASES = [(1, 3, 1, 5, 4), (2, 3, 2, 3, 6), (4, 1, 2, 6, 3), (6, 3, 2, 4, 5), (7, 3, 2, 2, 3), (8, 7, 2, 3, 4),
+                   (9, 7, 2, 3, 4)]
+
+
+def _torch_style_conv(x, w, s):
+    """The reference: XLA's convolution with PyTorch's padding k // 2 on both sides."""
+    k = w.shape[0]
+    return jax.lax.conv_general_dilated(x, w, (s, s), [(k // 2, k // 2)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("h,k,s,cin,cout", SYMMETRIC_CASES)
+def test_symmetric_conv_lowerings_equal_explicit_padding(h, k, s, cin, cout):
+    """Every lowering of a "symmetric" convolution (matmul, the custom-gradient stem conv, XLA) equals
+    lax.conv with padding k // 2 on both sides, and so do the custom kernel and input gradients."""
+    rng = np.random.default_rng(h * 100 + k)
+    x = jnp.asarray(rng.normal(size=(2, h, h, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, -(-h // s), -(-h // s), cout)), jnp.float32)  # SAME's output size
+
+    def value_and_grads(conv):
+        out, vjp = jax.vjp(conv, x, w)
+        return out, vjp(g)
+
+    ref, ref_grads = jax.jit(value_and_grads, static_argnums=0)(lambda a, b: _torch_style_conv(a, b, s))
+    for name, fn in [("matmul", models.conv_as_matmul), ("xla", models._lax_conv), ("few", models.conv_few_inputs)]:
+        out, grads = jax.jit(value_and_grads, static_argnums=0)(lambda a, b: fn(a, b, s, "symmetric"))  # noqa: B023
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4, err_msg=name)
+        for got, want, what in zip(grads, ref_grads, ("d_x", "d_kernel")):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{name} {what}")
+
+
+def test_symmetric_and_same_padding_differ_where_a_stride_meets_an_even_side():
+    x = jax.random.normal(jax.random.key(0), (1, 8, 8, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    same, symmetric = models._lax_conv(x, w, 2), models._lax_conv(x, w, 2, "symmetric")
+    assert same.shape == symmetric.shape
+    assert not np.allclose(same, symmetric, atol=1e-3)
+
+
+def _numpy_max_pool_symmetric(x):
+    """3x3 / stride 2 max-pool with one -inf row/column on each side (torch's MaxPool2d(3, 2, padding=1)),
+    and the gradient of sum(pool * g) routed to the first maximum of each window in row-major order."""
+    n, h, w, c = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    oh, ow = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    y = np.empty((n, oh, ow, c), x.dtype)
+    first = np.empty((n, oh, ow, c, 2), int)
+    for i in range(oh):
+        for j in range(ow):
+            window = xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3, :].reshape(n, 9, c)
+            arg = window.argmax(axis=1)  # the first maximum
+            y[:, i, j] = window.max(axis=1)
+            first[:, i, j, :, 0], first[:, i, j, :, 1] = 2 * i + arg // 3, 2 * j + arg % 3
+    return y, first
+
+
+@pytest.mark.parametrize("side", [7, 8, 9, 16])
+def test_symmetric_max_pool_and_its_gradient_equal_numpy(side):
+    x = jax.nn.relu(jax.random.normal(jax.random.key(side), (2, side, side, 3)))
+    x = np.asarray(jnp.round(x * 4) / 4)  # many exact ties
+    ref, first = _numpy_max_pool_symmetric(x)
+    g = np.random.default_rng(side).normal(size=ref.shape).astype(np.float32)
+
+    @jax.jit
+    def pool_and_grad(v, cotangent):
+        y, vjp = jax.vjp(lambda a: models.max_pool_3x3_s2(a, "symmetric"), v)
+        return y, vjp(cotangent)[0]
+
+    y, grad = pool_and_grad(jnp.asarray(x), jnp.asarray(g))
+    np.testing.assert_array_equal(y, ref)
+    want = np.zeros((2, side + 2, side + 2, 3), np.float64)
+    for idx in np.ndindex(ref.shape):
+        r, q = first[idx]
+        want[idx[0], r, q, idx[3]] += g[idx]
+    np.testing.assert_allclose(grad, want[:, 1:-1, 1:-1, :], rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_padding_is_refused():
+    model = models.ResNetGN(num_classes=3, **TINY, padding="valid")
+    with pytest.raises(ValueError, match="padding must be one of"):
+        _shapes(model, 16)
