@@ -72,6 +72,7 @@ def make_model(config: ml_collections.ConfigDict, *, num_classes: int) -> ResNet
         num_groups=m.num_groups,
         dtype=compute_dtype(m.get("compute_dtype", "float32")),
         conv_lowering=m.get("conv_lowering", "auto"),
+        padding=m.get("padding", "same"),
     )
 
 
