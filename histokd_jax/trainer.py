@@ -161,6 +161,7 @@ def run_stage(
         like = abstract_params(stage.model, input_px=stage.input_px)
         best, _ = checkpoint.load_best_params(stage_dir, params_like=like, mesh=mesh)
         return best, json.loads(result_file.read_text())
+    started = time.perf_counter()
     params = init_params(stage.model, rng=jax.random.key(stage.seed), input_px=stage.input_px)
 
     cfg, train = stage.cfg, config.train
@@ -263,7 +264,9 @@ def run_stage(
 
     labels, probs = run_eval(best_params, splits.test)
     row = result_row(stage, params=best_params, labels=labels, probs=probs)
-    row.update(best_val_step=best["step"], best_val_metric=best["metric"])
+    # wall time of this run of the stage (since the last resume), compilation and validation included
+    row.update(best_val_step=best["step"], best_val_metric=best["metric"],
+               stage_seconds=round(time.perf_counter() - started, 1))
     if writer.enabled:  # predictions first: result.json marks the stage finished
         save_test_predictions(stage_dir, labels=labels, probs=probs, splits=splits)
         result_file.write_text(json.dumps(row, indent=2))
