@@ -29,8 +29,8 @@ SELECT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 OPTIONAL_KEYS = ("data.tfds_name", "data.tfds_data_dir")
 
 # What a teacher's parameters and their meaning depend on: a teacher loads only into the same values.
-# (model.num_groups leaves every parameter shape unchanged: only this comparison catches it.)
-TEACHER_MODEL_KEYS = ("widths", "blocks_per_stage", "num_groups")
+# (num_groups, padding and norm_epsilon leave every parameter shape unchanged: only this comparison catches them.)
+TEACHER_MODEL_KEYS = ("widths", "blocks_per_stage", "num_groups", "padding", "norm_epsilon")
 
 
 def check_config(config: ml_collections.ConfigDict, *, device_count: int, workdir: pathlib.Path | None = None,
@@ -365,7 +365,7 @@ def check_teacher_matches(config: ml_collections.ConfigDict, folder: pathlib.Pat
     differ = []
     saved_model = saved.get("model", {})
     for key in TEACHER_MODEL_KEYS:
-        if key in saved_model and _norm(saved_model[key]) != _norm(config.model[key]):
+        if key in saved_model and key in config.model and _norm(saved_model[key]) != _norm(config.model[key]):
             differ.append(f"model.{key}: {_show(saved_model[key])} there, {_show(config.model[key])} here")
     saved_data = saved.get("data", {})
     theirs = run.get("class_names") or saved_data.get("class_names") or None

@@ -203,7 +203,8 @@ def student_config(tmp_path: pathlib.Path, teacher: pathlib.Path):
 @pytest.mark.parametrize("key, value, match", [
     ("widths", (8, 16, 16, 16), r"model.widths: \(8, 16, 16, 32\) there, \(8, 16, 16, 16\) here"),
     ("blocks_per_stage", (2, 1, 1, 1), r"model.blocks_per_stage: \(1, 1, 1, 1\) there, \(2, 1, 1, 1\) here"),
-    ("num_groups", 2, r"model.num_groups: 4 there, 2 here"),  # same parameter shapes: only the config shows it
+    ("num_groups", 2, r"model.num_groups: 4 there, 2 here"),  # same parameter shapes: only the config shows these
+    ("padding", "symmetric", r"model.padding: 'same' there, 'symmetric' here"),
 ])
 def test_a_teacher_of_another_architecture_is_refused_before_the_data(tmp_path, teacher, key, value, match):
     config = student_config(tmp_path, teacher)
