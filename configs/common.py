@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.compute_dtype = "float32"  # "bfloat16": mixed precision on GPU/TPU (float32 parameters and losses)
     c.model.conv_lowering = "auto"  # "auto": small-output convolutions as matmuls (faster on CPU); "xla": never
     c.model.padding = "same"  # "same": XLA's SAME; "symmetric": PyTorch's k//2 (teachers from launch/import_torch.py)
+    c.model.norm_epsilon = 1e-6  # GroupNorm's variance epsilon; PyTorch's is 1e-5 (teachers from import_torch.py)
 
     # Each stage trains one model: its length, global batch, validation cadence and optimiser.
     c.teacher = stage(steps=10_000)

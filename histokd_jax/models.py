@@ -273,13 +273,15 @@ class BasicBlock(nn.Module):
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     conv_lowering: str = "auto"
     padding: str = "same"
+    norm_epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         groups = groups_for(self.features, self.num_groups)
         conv = lambda k, s, name: Conv(self.features, k, s, dtype=self.dtype, lowering=self.conv_lowering,  # noqa: E731
                                        padding=self.padding, name=name)
-        norm = lambda name: nn.GroupNorm(num_groups=groups, dtype=self.dtype, name=name)  # noqa: E731
+        norm = lambda name: nn.GroupNorm(num_groups=groups, epsilon=self.norm_epsilon, dtype=self.dtype,  # noqa: E731
+                                         name=name)
         y = nn.relu(norm("norm1")(conv(3, self.strides, "conv1")(x)))
         y = norm("norm2")(conv(3, 1, "conv2")(y))
         if x.shape[-1] != self.features or self.strides != 1:
@@ -308,6 +310,8 @@ class ResNetGN(nn.Module):
     conv_lowering: str = "auto"
     # "same": XLA's SAME padding; "symmetric": PyTorch's k // 2 on both sides (for imported PyTorch weights).
     padding: str = "same"
+    # Added to each GroupNorm variance: Flax's default; PyTorch's GroupNorm (so imported weights) uses 1e-5.
+    norm_epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
@@ -318,15 +322,16 @@ class ResNetGN(nn.Module):
             raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
         x = Conv(stem_width, 7, 2, dtype=self.dtype, lowering=self.conv_lowering, padding=self.padding,
                  name="stem_conv")(x)
-        x = nn.relu(nn.GroupNorm(num_groups=groups_for(stem_width, self.num_groups), dtype=self.dtype,
-                                 name="stem_norm")(x))
+        x = nn.relu(nn.GroupNorm(num_groups=groups_for(stem_width, self.num_groups), epsilon=self.norm_epsilon,
+                                 dtype=self.dtype, name="stem_norm")(x))
         x = max_pool_3x3_s2(x, self.padding)
         features = {}
         for stage, (width, blocks) in enumerate(zip(self.widths, self.blocks_per_stage), start=1):
             for block in range(blocks):
                 strides = 2 if stage > 1 and block == 0 else 1
                 x = BasicBlock(width, strides, self.num_groups, dtype=self.dtype, conv_lowering=self.conv_lowering,
-                               padding=self.padding, name=f"stage{stage}_block{block}")(x)
+                               padding=self.padding, norm_epsilon=self.norm_epsilon,
+                               name=f"stage{stage}_block{block}")(x)
             features[f"stage{stage}"] = x
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pooled"] = pooled

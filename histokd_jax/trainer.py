@@ -73,6 +73,7 @@ def make_model(config: ml_collections.ConfigDict, *, num_classes: int) -> ResNet
         dtype=compute_dtype(m.get("compute_dtype", "float32")),
         conv_lowering=m.get("conv_lowering", "auto"),
         padding=m.get("padding", "same"),
+        norm_epsilon=m.get("norm_epsilon", 1e-6),
     )
 
 

@@ -272,7 +272,8 @@ SYMMETRIC_CASES = [(1, 3, 1, 5, 4), (2, 3, 2, 3, 6), (4, 1, 2, 6, 3), (6, 3, 2, 
 def _torch_style_conv(x, w, s):
     """The reference: XLA's convolution with PyTorch's padding k // 2 on both sides."""
     k = w.shape[0]
-    return jax.lax.conv_general_dilated(x, w, (s, s), [(k // 2, k // 2)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    pads = [(k // 2, k // 2)] * 2
+    return jax.lax.conv_general_dilated(x, w, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 @pytest.mark.parametrize("h,k,s,cin,cout", SYMMETRIC_CASES)
