@@ -55,6 +55,8 @@ md("""
     On Colab the cell clones the repository (set `REPO_URL` to where it lives), installs it with
     its dependencies, and on a TPU runtime installs JAX's TPU build. Anywhere else (a checkout, CI)
     it installs nothing and says so: run `pip install -e ".[test]"` in the checkout instead.
+    If Colab says that upgraded packages need a restart, restart the session and run all cells
+    again (the clone is kept; the install is then a no-op).
 """)
 
 code("""
