@@ -6,6 +6,7 @@ code runs on one CPU, on simulated CPU devices, on a GPU or on a TPU slice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,3 +49,42 @@ def put_batch(batch: dict[str, np.ndarray], *, mesh: Mesh) -> dict[str, jax.Arra
     """Turn this process's slice of the global batch into global arrays split on ``'data'``."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of replicated arrays, also when the mesh spans other processes' devices.
+
+    ``jax.device_get`` refuses arrays that are not fully addressable (multi-host);
+    a replicated array has a complete copy on each local device, so read that.
+    """
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.sharding.is_fully_replicated:
+                raise ValueError("to_host reads replicated arrays only; this one is split over processes")
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any: a stop request must end all processes
+    at the same step, or the others wait forever in the next collective."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def process_0_first(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on process 0, then, after a barrier, on the others: what process 0 writes (generated demo
+    data, slide-index caches on a shared filesystem) is then found by the others instead of raced for."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    out = fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("histokd_jax: process 0 first")
+    return out if jax.process_index() == 0 else fn()

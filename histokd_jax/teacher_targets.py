@@ -65,8 +65,8 @@ def compute_targets(
                              disable=not show_progress or jax.process_index() != 0, leave=False):
         batch = {k: v for k, v in batch.items() if k == "teacher_image"}
         out_logits, out_maps = fn(teacher_params, parallel.put_batch(batch, mesh=mesh))
-        logits.append(np.asarray(out_logits)[valid])
-        maps.append(np.asarray(out_maps)[valid])
+        logits.append(parallel.to_host(out_logits)[valid])
+        maps.append(parallel.to_host(out_maps)[valid])
     return np.concatenate(logits), np.concatenate(maps)
 
 

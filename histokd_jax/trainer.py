@@ -110,7 +110,7 @@ def evaluate(
         eval_fn = make_eval_fn(model=model, image_key=image_key, mesh=mesh)
     probs = []
     for batch, valid in eval_batches(source, spec=spec, global_batch_size=batch_size):
-        out = np.asarray(eval_fn(params, parallel.put_batch(batch, mesh=mesh)))
+        out = parallel.to_host(eval_fn(params, parallel.put_batch(batch, mesh=mesh)))
         probs.append(out[valid])
     return source.labels(), np.concatenate(probs)
 
@@ -129,7 +129,7 @@ def _flush(pending: list[dict], *, stage: "Stage", last_step: int, ckpt_dir: pat
     Runs before every checkpoint, so a state whose loss or gradient (hence update)
     was NaN or Inf is never saved.
     """
-    values = jax.device_get(pending)
+    values = parallel.to_host(pending)
     health = np.asarray([[v["loss"], v["grad_norm"]] for v in values])
     bad = np.flatnonzero(~np.isfinite(health).all(axis=1))
     if bad.size:
@@ -184,7 +184,7 @@ def run_stage(
             workers=config.data.workers,
         )
     )
-    best_params, best = jax.device_get(state.params), {"metric": -math.inf, "step": 0}
+    best_params, best = parallel.to_host(state.params), {"metric": -math.inf, "step": 0}
     manager = checkpoint.make_manager(stage_dir / "checkpoints", keep=train.keep_checkpoints)
     if manager.latest_step() is not None:
         _check_resumable(manager, stage=stage, config=config)
@@ -230,7 +230,7 @@ def run_stage(
             last = step == cfg.steps
             eval_now = step % cfg.eval_every_steps == 0 or last
             save_now = eval_now or step % train.checkpoint_every_steps == 0
-            stop_now = bool(should_stop and should_stop(stage.role, step))
+            stop_now = parallel.any_process(bool(should_stop and should_stop(stage.role, step)))
             if not (step % train.log_every_steps == 0 or save_now or stop_now):
                 continue
             means = _flush(
@@ -244,7 +244,7 @@ def run_stage(
                 writer.write(f"{stage.role}/val", step, val)
                 if val[train.select_metric] > best["metric"]:
                     best = {"metric": val[train.select_metric], "step": step, **val}
-                    best_params = jax.device_get(state.params)
+                    best_params = parallel.to_host(state.params)
             if save_now or stop_now:
                 checkpoint.save(
                     manager,
@@ -426,7 +426,7 @@ def train_and_evaluate(
     workdir = pathlib.Path(workdir).absolute()
     check_config(config, device_count=jax.device_count(), workdir=workdir)  # before any data, model or compile
     workdir.mkdir(parents=True, exist_ok=True)
-    splits = load_splits(config.data, workdir=workdir, config_name=config_name)
+    splits = parallel.process_0_first(lambda: load_splits(config.data, workdir=workdir, config_name=config_name))
     train_spec = view_spec(config.data, train=True)
     teacher_px, student_px = train_spec.teacher_px, train_spec.student_px
     model = make_model(config, num_classes=len(splits.class_names))

@@ -54,32 +54,60 @@ class TrainLoader:
         return BatchIterator(iter(self.loader), self.batch_size)
 
 
+class GlobalBatchSampler:
+    """This process's share of ONE global shuffled stream: rows ``[p*b, (p+1)*b)`` of every global batch.
+
+    Every process walks the same seeded order of records (grain's ``IndexSampler``)
+    and reads only its own rows of each global batch of ``b * P`` records, so no
+    record is read twice per epoch, each record keeps its position-seeded
+    augmentation, and the global batches are the ones a single process with all
+    the devices would form: losses do not depend on how many processes there are.
+    """
+
+    def __init__(self, *, num_records: int, seed: int, per_process_batch: int, process_index: int,
+                 process_count: int):
+        self._inner = grain.samplers.IndexSampler(num_records=num_records, shuffle=True, num_epochs=None, seed=seed)
+        self._b, self._p, self._n = per_process_batch, process_index, process_count
+        self._shard_options = grain.sharding.NoSharding()  # the sharding is done here, not by grain
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def global_position(self, index: int) -> int:
+        batch, row = divmod(index, self._b)
+        return batch * self._b * self._n + self._p * self._b + row
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        meta = self._inner[self.global_position(index)]
+        return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
+
+    def __repr__(self) -> str:  # grain records the sampler's repr in checkpoints of the iterator
+        return f"GlobalBatchSampler({self._inner!r}, per_process_batch={self._b}, process={self._p}/{self._n})"
+
+
 def make_train_loader(
     source, *, spec: ViewSpec, batch_size: int, seed: int, workers: int = 0, worker_buffer_size: int = 64
 ) -> TrainLoader:
     """An endless, shuffled loader of paired-view batches for THIS process.
 
-    ``batch_size`` is the per-process batch. Records are sharded by JAX process
-    index and shuffled per epoch from ``seed``; each record's augmentation is
-    seeded by grain from (seed, position), and batches are formed in the main
-    process, so the batches do not depend on ``workers``. ``iter(loader)`` has
+    ``batch_size`` is the per-process batch. Records are shuffled from ``seed``
+    and each process reads its rows of every global batch (``GlobalBatchSampler``);
+    each record's augmentation is seeded by grain from (seed, global position), and
+    batches are formed in the main process, so the batches depend neither on
+    ``workers`` nor on the number of processes. ``iter(loader)`` has
     ``get_state``/``set_state`` for resuming.
     """
     if len(source) < batch_size * jax.process_count():
         raise ValueError(f"the source has {len(source)} records, fewer than one global batch")
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-        shuffle=True,
-        num_epochs=None,
-        seed=seed,
-    )
+    sampler = GlobalBatchSampler(num_records=len(source), seed=seed, per_process_batch=batch_size,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
     loader = grain.DataLoader(
         data_source=source,
         sampler=sampler,
         operations=[TrainViews(spec)],
         worker_count=workers,
         worker_buffer_size=worker_buffer_size,
+        shard_options=grain.sharding.NoSharding(),
     )
     return TrainLoader(loader, batch_size)
 
