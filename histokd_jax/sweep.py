@@ -105,6 +105,16 @@ def images_per_second(config: ml_collections.ConfigDict, *, num_classes: int, in
     return batch_size / float(np.median(times))
 
 
+def _result_of(stage_dir: pathlib.Path) -> dict:
+    """A model's result row: its stage's ``result.json``, or, for a teacher given by ``teacher.checkpoint``
+    (evaluated, not trained here: no result.json, which would mark a trained stage), its row of the run's
+    ``results.json``."""
+    if (stage_dir / "result.json").exists():
+        return json.loads((stage_dir / "result.json").read_text())
+    rows = json.loads((stage_dir.parent / "results.json").read_text())
+    return next(row for row in rows if row["role"] == stage_dir.name)
+
+
 def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: int = 64,
                measure: bool = True) -> list[dict]:
     """One row per finished model under ``workdir`` (a sweep or a single run), teacher first, then by factor."""
@@ -112,7 +122,7 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
     rows, speed = [], {}
     teacher_gflops = None
     for stage_dir in report.find_models(workdir):
-        result = json.loads((stage_dir / "result.json").read_text())
+        result = _result_of(stage_dir)
         config, run = report.load_run(stage_dir.parent)
         preds = report.load_predictions(stage_dir)
         point = metrics.scores(preds["labels"], preds["probs"])

@@ -174,6 +174,15 @@ def test_distils_from_a_configured_teacher_checkpoint(tmp_path, data_root):
     assert [r["role"] for r in rows] == ["student_kd"]
     assert not (tmp_path / "s" / "teacher").exists()  # no teacher was trained there
 
+    # Listing the given teacher among the stages evaluates it; the end-of-run table has its row.
+    config.stages = ("teacher", "distill")
+    config.train.final_report, config.train.bootstrap, config.sweep.measure_batch_size = True, 20, 16
+    rows = trainer.train_and_evaluate(config, tmp_path / "s3")
+    assert [r["role"] for r in rows] == ["teacher", "student_kd"]
+    assert not (tmp_path / "s3" / "teacher" / "result.json").exists()  # evaluated here, not trained here
+    table = (tmp_path / "s3" / "sweep.md").read_text()
+    assert "| teacher |" in table and "| student_kd |" in table
+
     # A teacher of another architecture is refused, never loaded loosely.
     config.model.widths = (8, 16, 16, 16)
     with pytest.raises(ValueError, match="does not match"):
