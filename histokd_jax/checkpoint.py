@@ -4,27 +4,112 @@ Each stage (teacher, student_kd, student_baseline) has its own manager under
 ``workdir/<stage>/checkpoints``. A checkpoint holds everything needed to resume
 bit-for-bit: the train state, the grain iterator position, the best-so-far
 parameters selected on validation, and the config that produced them.
+
+A kill (SIGKILL, a lost node) can leave debris of three kinds, and the next run
+resumes from the last complete step whatever it finds:
+
+- ``<step>.orbax-checkpoint-tmp``: a save cut short. Orbax writes a step under
+  that name and renames it when complete, so it is never taken for a checkpoint;
+  ``make_manager`` has orbax delete it.
+- a step directory without its commit markers, older than the last complete
+  step: orbax's deletion of old checkpoints (``keep``) cut short. Orbax would
+  still list it as a step; ``make_manager`` finishes deleting it.
+- a step directory without its commit markers, newer than the last complete
+  step (a filesystem without atomic rename, a copy cut short): orbax goes by the
+  name alone, so it would resume from it and fail to restore. ``make_manager``
+  moves it aside to ``<step>.incomplete``; ``load_best_params`` skips it.
+
+Each is reported with a warning. A directory whose steps have no commit markers
+at all predates them (older orbax) and is left as it is.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
+import re
+import shutil
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.sharding import Mesh
 
 from histokd_jax.parallel import replicated
 
 ITEMS = ("state", "best", "data", "meta", "config")
+COMMIT_MARKER = "commit_success.txt"  # what orbax writes last, in the step and in each item's directory
+_STEP_NAME = re.compile(r"(0|[1-9][0-9]*)")  # orbax's default step directory names
+_barriers = itertools.count()
+
+
+def is_complete(step_dir: pathlib.Path) -> bool:
+    """Whether orbax finished writing this step: its commit marker and every item's are there."""
+    items = [p for p in step_dir.iterdir() if p.is_dir()]
+    return (step_dir / COMMIT_MARKER).is_file() and bool(items) and all((p / COMMIT_MARKER).is_file() for p in items)
+
+
+def _has_a_marker(step_dir: pathlib.Path) -> bool:
+    return (step_dir / COMMIT_MARKER).is_file() or any((p / COMMIT_MARKER).is_file() for p in step_dir.iterdir())
+
+
+def incomplete_steps(directory: pathlib.Path) -> list[pathlib.Path]:
+    """Step directories that orbax would list as finished but that lack a commit marker or an item's,
+    oldest first; none when no step has any marker (a directory written before orbax wrote them)."""
+    if not directory.is_dir():
+        return []
+    steps = sorted((p for p in directory.iterdir() if p.is_dir() and _STEP_NAME.fullmatch(p.name)),
+                   key=lambda p: int(p.name))
+    if not any(_has_a_marker(p) for p in steps):
+        return []
+    return [p for p in steps if not is_complete(p)]
+
+
+def complete_steps(manager: ocp.CheckpointManager) -> list[int]:
+    """The manager's steps less those ``incomplete_steps`` names, oldest first."""
+    unfinished = {int(p.name) for p in incomplete_steps(pathlib.Path(manager.directory))}
+    return sorted(s for s in manager.all_steps() if s not in unfinished)
+
+
+def set_aside_incomplete_steps(directory: pathlib.Path) -> list[pathlib.Path]:
+    """Clear unfinished step directories out of orbax's way (see the module docstring): finish deleting
+    those older than the last complete step, rename newer ones to ``<step>.incomplete``. Returns the
+    directories moved aside. Only process 0 changes anything; every process waits until it has."""
+    moved = []
+    if jax.process_index() == 0 and directory.is_dir():
+        for path in sorted(directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*")):
+            logging.warning("%s: ignoring %s, left by an interrupted save; it will be deleted", directory, path.name)
+        unfinished = incomplete_steps(directory)
+        complete = [int(p.name) for p in directory.iterdir()
+                    if p.is_dir() and _STEP_NAME.fullmatch(p.name) and p not in unfinished]
+        for path in unfinished:
+            if complete and int(path.name) < max(complete):
+                shutil.rmtree(path)
+                logging.warning("%s: deleted step %s, an unfinished deletion of an old checkpoint",
+                                directory, path.name)
+                continue
+            target = path.with_name(path.name + ".incomplete")
+            if target.exists():  # left by an earlier crash at the same step
+                shutil.rmtree(target)
+            path.rename(target)
+            moved.append(target)
+            logging.warning("%s: step %s was not completely written (no commit marker); ignoring it and moving it "
+                            "to %s, resuming from %s", directory, path.name, target.name,
+                            f"step {max(complete)}" if complete else "the start")
+    ocp.multihost.sync_global_processes(f"histokd_set_aside_incomplete_steps:{next(_barriers)}")
+    return moved
 
 
 def make_manager(directory: str | pathlib.Path, *, keep: int = 2) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options, item_names=ITEMS)
+    """A manager that resumes from the last complete step: unfinished step directories are set
+    aside and the temporary directories of interrupted saves deleted."""
+    directory = pathlib.Path(directory).absolute()
+    set_aside_incomplete_steps(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
 def save(
@@ -87,7 +172,8 @@ def load_best_params(directory: str | pathlib.Path, *, params_like: Any, mesh: M
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {directory}")
     with ocp.CheckpointManager(directory.absolute(), item_names=ITEMS) as manager:
-        step = manager.latest_step()
+        steps = complete_steps(manager)  # read-only here: skip unfinished steps, move nothing
+        step = steps[-1] if steps else None
         if step is None:
             raise FileNotFoundError(f"{directory} holds no finished checkpoint")
         try:
