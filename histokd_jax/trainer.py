@@ -270,7 +270,9 @@ def run_stage(
                stage_seconds=round(time.perf_counter() - started, 1))
     if writer.enabled:  # predictions first: result.json marks the stage finished
         save_test_predictions(stage_dir, labels=labels, probs=probs, splits=splits)
-        result_file.write_text(json.dumps(row, indent=2))
+        partial = result_file.with_suffix(".json.partial")  # a kill mid-write must not leave a "finished" stage
+        partial.write_text(json.dumps(row, indent=2))
+        partial.replace(result_file)
     return best_params, row
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # so confi
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from histokd_jax import runtime  # noqa: E402
+from histokd_jax import config_checks, runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep (one sub-folder per cell).")
@@ -40,4 +40,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_checks.parse_flags)  # an unknown --config.key: one line, not a traceback

@@ -110,14 +110,17 @@ def test_magnification_to_mpp_rejects_bad_values(value):
 
 @pytest.mark.parametrize(
     "teacher,student,factor",
-    [("10x", "1.25x", 8), ("10x", "5x", 2), ("40x", "10x", 4), ("20x", "20x", 1), ("20x", "1.25x", 16)],
+    [("10x", "1.25x", 8), ("10x", "5x", 2), ("40x", "10x", 4), ("20x", "20x", 1), ("20x", "1.25x", 16),
+     # bare numbers are µm/px, as for slide targets: 1 -> 4 µm/px is a 4x downsample; mixed units work too
+     ("1.0", "4.0", 4), (0.25, 2, 8), ("10x", "8", 8)],
 )
 def test_downsample_between(teacher, student, factor):
     got = units.downsample_between(teacher, student)
     assert got == factor and isinstance(got, int)
 
 
-@pytest.mark.parametrize("teacher,student", [("10x", "3x"), ("10x", "20x"), ("10x", "4x"), ("10x", "bad")])
+@pytest.mark.parametrize("teacher,student", [("10x", "3x"), ("10x", "20x"), ("10x", "4x"), ("10x", "bad"),
+                                             ("4", "1")])  # 4 -> 1 µm/px would be an upsampling
 def test_downsample_between_rejects_non_integer_or_upsampling(teacher, student):
     with pytest.raises(ValueError):
         units.downsample_between(teacher, student)

@@ -121,6 +121,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_root):
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
         row_a = json.loads((straight / role / "result.json").read_text())
         row_b = json.loads((resumed / role / "result.json").read_text())
+        row_a.pop("stage_seconds"), row_b.pop("stage_seconds")  # wall time: differs run to run
         assert row_a == pytest.approx(row_b)
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from histokd_jax.data.sources import composite_on_white
 from histokd_jax.data.views import area_downsample
-from histokd_jax.units import magnification_to_mpp
+from histokd_jax.units import magnification_to_mpp, resolution_to_mpp
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,7 @@ def slide_mpp(slide, *, override: float | None = None) -> Resolution:
 
 def parse_target(value: str | float) -> float:
     """A target resolution in µm/px: ``"10x"`` -> 1.0 (heuristic); ``0.5`` or ``"0.5"`` -> 0.5 µm/px."""
-    text = str(value).strip().lower()
-    mpp = magnification_to_mpp(text) if text.endswith("x") else float(text)
-    if not (mpp > 0 and math.isfinite(mpp)):
-        raise ValueError(f"target resolution must be positive, got {value!r}")
-    return mpp
+    return resolution_to_mpp(value)
 
 
 def choose_level(
