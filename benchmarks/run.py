@@ -3,7 +3,7 @@
     python benchmarks/run.py            # needs the bench extra: pip install -e ".[bench]"
 
 Each script prints its own table; they run sequentially so none competes with
-another for the CPU. Expect about 10 minutes on a 2-core machine.
+another for the CPU. Expect about 30 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 SCRIPTS = (
     ("distillation step and inference vs PyTorch", ["step_vs_torch.py"]),
+    ("the teacher's share: cheaper targets, speed and demo accuracy", ["teacher_share.py"]),
     ("input pipeline vs step", ["pipeline.py"]),
     ("slide tile source", ["slide_source.py"]),
     ("whole-slide inference", ["wholeslide.py"]),

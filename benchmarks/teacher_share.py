@@ -1,6 +1,6 @@
 """The teacher's share of distillation: what each cheaper-target option saves, and what it costs the demo.
 
-    python benchmarks/teacher_share.py [--rounds 7] [--factor 4] [--skip_demo] [--workdir /tmp/histokd-teacher-share]
+    python benchmarks/teacher_share.py [--rounds 7] [--factor 4] [--seeds 0 1] [--skip_demo] [--workdir DIR]
 
 Options (``distill.*`` in configs/common.py; ``histokd_jax/teacher_targets.py``):
   default            the teacher runs live on every student view (float32)
@@ -12,10 +12,11 @@ Options (``distill.*`` in configs/common.py; ``histokd_jax/teacher_targets.py``)
    step, AdamW; every option's step timed back to back in each round (medians, and the
    median of the per-round ratios to the default). The cache's one-off pass is reported
    per pool crop.
-2. The demo (``configs/demo.py``): one teacher, then the distillation stage once per
-   option from that teacher; its wall time (data loading, compilation and validation
-   included) and the student's test accuracy with a 95% interval that resamples test
-   slides.
+2. The demo (``configs/demo.py``): one teacher, then the distillation stage per option
+   and student seed from that teacher; its wall time (data loading, compilation and
+   validation included) and the student's test accuracy with a 95% interval that
+   resamples test slides. About 20 minutes on 2 cores; finished runs in ``--workdir``
+   are reused.
 """
 
 from __future__ import annotations
@@ -109,41 +110,48 @@ def time_steps(*, factor: int, batch: int, rounds: int) -> None:
           f"(a pool of 100,000 crops: {per_crop * 1e5 / 60:.1f} min)")
 
 
-def demo_accuracy(workdir: pathlib.Path) -> None:
-    """The demo's teacher once, then the distillation stage per option; a table of time and accuracy."""
+def demo_accuracy(workdir: pathlib.Path, *, seeds: list[int]) -> None:
+    """The demo's teacher once, then the distillation stage per option and seed; a table of time and accuracy."""
     base = demo.get_config()
     base.train.progress = False
     base.train.final_report = False
+    base.data.root = str(workdir / "data")
     teacher_dir = workdir / "teacher_run"
     if not (teacher_dir / "teacher" / "result.json").exists():
         config = base.copy_and_resolve_references()
         config.stages = ("teacher",)
-        config.data.root = str(workdir / "data")
         trainer.train_and_evaluate(config, teacher_dir)
     rows = []
-    for name, option in OPTIONS.items():
-        run_dir = workdir / name.replace(" ", "_").replace("/", "_per_")
-        config = base.copy_and_resolve_references()
-        config.stages = ("distill",)
-        config.data.root = str(workdir / "data")
-        config.teacher.checkpoint = str(teacher_dir / "teacher")
-        for key, value in option.items():
-            config.distill[key] = value
-        if not (run_dir / "student_kd" / "result.json").exists():
-            trainer.train_and_evaluate(config, run_dir)
-        wall = json.loads((run_dir / "student_kd" / "result.json").read_text())["stage_seconds"]
-        figures = report.model_report(report.load_predictions(run_dir / "student_kd"), n_boot=1000)
-        tiles, slides = figures["tiles"], figures.get("slides", {})
-        rows.append((name, wall, tiles["accuracy"], slides.get("accuracy")))
-    print(f"\ndemo (configs/demo.py): distillation stage ({base.distill.steps} steps, batch {base.distill.batch_size} "
-          f"student views) from one teacher; student test accuracy, 95% CI resampling test slides")
-    print("| option | stage wall time | speedup | tile accuracy [95% CI] | slide accuracy |")
-    print("|---|---:|---:|---|---:|")
-    base_wall = rows[0][1]
-    for name, wall, acc, slide_acc in rows:
-        lo, hi = acc["ci95"]
-        slide = f"{slide_acc['value']:.2f}" if slide_acc else "n/a"
-        print(f"| {name} | {wall:.0f} s | {base_wall / wall:.2f}x | {acc['value']:.3f} [{lo:.3f}, {hi:.3f}] | {slide} |")
+    for seed in seeds:  # the student's initialisation and data order; the teacher stays the same
+        for name, option in OPTIONS.items():
+            run_dir = workdir / f"seed{seed}" / name.replace(" ", "_").replace("/", "_per_")
+            config = base.copy_and_resolve_references()
+            config.seed = seed
+            config.stages = ("distill",)
+            config.teacher.checkpoint = str(teacher_dir / "teacher")
+            for key, value in option.items():
+                config.distill[key] = value
+            if not (run_dir / "student_kd" / "result.json").exists():
+                trainer.train_and_evaluate(config, run_dir)
+            wall = json.loads((run_dir / "student_kd" / "result.json").read_text())["stage_seconds"]
+            figures = report.model_report(report.load_predictions(run_dir / "student_kd"), n_boot=1000)
+            rows.append(dict(option=name, seed=seed, wall=wall, tiles=figures["tiles"]["accuracy"],
+                             slides=figures.get("slides", {}).get("accuracy")))
+    print(f"\ndemo (configs/demo.py): the distillation stage ({base.distill.steps} steps, batch "
+          f"{base.distill.batch_size} student views; wall time with data loading, compilation, validation) from "
+          "one teacher; student test accuracy with a 95% CI resampling test slides")
+    print("| option | seed | stage wall time | speedup | tile accuracy [95% CI] | slide accuracy |")
+    print("|---|---:|---:|---:|---|---:|")
+    default_wall = {r["seed"]: r["wall"] for r in rows if r["option"] == "default"}
+    for r in rows:
+        lo, hi = r["tiles"]["ci95"]
+        slide = f"{r['slides']['value']:.2f}" if r["slides"] else "n/a"
+        print(f"| {r['option']} | {r['seed']} | {r['wall']:.0f} s | {default_wall[r['seed']] / r['wall']:.2f}x | "
+              f"{r['tiles']['value']:.3f} [{lo:.3f}, {hi:.3f}] | {slide} |")
+    print("\nmean over seeds: " + "; ".join(
+        f"{name} {np.mean([r['tiles']['value'] for r in rows if r['option'] == name]):.3f} "
+        f"({np.mean([default_wall[r['seed']] / r['wall'] for r in rows if r['option'] == name]):.2f}x)"
+        for name in OPTIONS))
 
 
 def main() -> None:
@@ -153,13 +161,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--skip_steps", action="store_true")
     parser.add_argument("--skip_demo", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--workdir", default="/tmp/histokd-teacher-share")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
     if not args.skip_steps:
         time_steps(factor=args.factor, batch=args.batch, rounds=args.rounds)
     if not args.skip_demo:
-        demo_accuracy(pathlib.Path(args.workdir))
+        demo_accuracy(pathlib.Path(args.workdir), seeds=args.seeds)
 
 
 if __name__ == "__main__":
