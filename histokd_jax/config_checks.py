@@ -178,6 +178,25 @@ def check_training_settings(config: ml_collections.ConfigDict) -> None:
         for name in ("steps", "eval_every_steps", "batch_size"):
             if config[section][name] <= 0:
                 raise ValueError(f"{section}.{name}={config[section][name]} must be positive")
+    check_model_options(config)
+
+
+def check_model_options(config: ml_collections.ConfigDict) -> None:
+    """Choices read only when a model is built or a step traced: after the teacher's training, for distill."""
+    from histokd_jax.models import PADDINGS
+    from histokd_jax.symmetry import DIHEDRAL
+
+    dtypes = ("float32", "bfloat16")
+    checks = [("model.compute_dtype", config.model.get("compute_dtype", "float32"), dtypes),
+              ("model.padding", config.model.get("padding", "same"), PADDINGS),
+              ("distill.teacher_dtype", config.distill.get("teacher_dtype", ""), ("", *dtypes))]
+    for key, value, allowed in checks:
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+    views = config.distill.get("views_per_crop", 1)
+    if not 1 <= views <= len(DIHEDRAL):
+        raise ValueError(f"distill.views_per_crop={views} must be 1..{len(DIHEDRAL)}: a crop has "
+                         f"{len(DIHEDRAL)} distinct flips and quarter turns")
 
 
 # --- resolution ----------------------------------------------------------------------------------
@@ -185,10 +204,10 @@ def check_training_settings(config: ml_collections.ConfigDict) -> None:
 
 def _mpp(data: ml_collections.ConfigDict, key: str) -> float:
     """µm/px of ``data.<key>``: ``"10x"`` -> 1.0 (mpp = 10 / power, a heuristic); ``"0.5"`` -> 0.5 µm/px."""
-    from histokd_jax.data.slides import parse_target
+    from histokd_jax.units import resolution_to_mpp
 
     try:
-        return parse_target(data[key])
+        return resolution_to_mpp(data[key])
     except ValueError as err:
         raise ValueError(f"data.{key}={data[key]!r}: {err}; write a magnification like '10x' or a µm/px number "
                          "like '1.0'") from None
@@ -345,9 +364,9 @@ def teacher_record(folder: pathlib.Path) -> tuple[dict, dict]:
     directory = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
     if directory.is_dir():
         with ocp.CheckpointManager(directory.absolute(), item_names=checkpoint.ITEMS) as manager:
-            step = manager.latest_step()
-            if step is not None:
-                saved = checkpoint.load_config(manager, step)
+            steps = checkpoint.complete_steps(manager)
+            if steps:
+                saved = checkpoint.load_config(manager, steps[-1])
     run_file = folder.parent / "run.json"  # the teacher's run records the data it was trained on
     run = json.loads(run_file.read_text()) if run_file.exists() else {}
     return saved, run

@@ -18,7 +18,7 @@ import optax
 from histokd_jax import losses
 from histokd_jax.models import last_stage, normalize_images
 from histokd_jax.state import TrainState
-from histokd_jax.teacher_targets import expand_views
+from histokd_jax.symmetry import DIHEDRAL, dihedral
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,26 @@ def supervised_step(
     return new_state, metrics
 
 
+def expand_views(batch: dict[str, jnp.ndarray], t_logits: jnp.ndarray, t_map: jnp.ndarray, *,
+                 views_per_crop: int) -> tuple[jnp.ndarray, ...]:
+    """K dihedral transforms of every crop's student image, each paired with the teacher map turned alike.
+
+    Returns ``(student_images, teacher_logits, teacher_maps, labels, has_label)`` of
+    ``K * B`` rows, crop-major: row ``i*K + k`` is transform ``k`` of crop ``i``, so the
+    views of a crop stay on the device that holds the crop (no data moves between devices).
+    """
+    if not 1 <= views_per_crop <= len(DIHEDRAL):
+        raise ValueError(f"distill.views_per_crop must be in 1..{len(DIHEDRAL)}, got {views_per_crop}")
+
+    def interleave(x):  # (B, ...) per view -> (B*K, ...), crop-major
+        views = jnp.stack([dihedral(x, k) for k in range(views_per_crop)], axis=1)
+        return views.reshape(-1, *views.shape[2:])
+
+    repeat = lambda x: jnp.repeat(x, views_per_crop, axis=0)  # noqa: E731
+    return (interleave(batch["student_image"]), repeat(t_logits), interleave(t_map), repeat(batch["label"]),
+            repeat(batch["has_label"]))
+
+
 def distill_step(
     state: TrainState,
     teacher_params: Any,
@@ -88,7 +108,7 @@ def distill_step(
     through ``stop_gradient`` and its parameters are an argument, not part of the
     state: they are never differentiated, updated or donated.
 
-    Cheaper teacher targets (``teacher_targets``): a batch that carries
+    Cheaper teacher targets (``teacher_targets``, ``expand_views``): a batch that carries
     ``teacher_logits``/``teacher_map`` (a target cache) skips the teacher, and
     ``views_per_crop=K`` trains the student on K dihedral views of each crop against
     one teacher pass (the batch then holds B/K crops for B student views).

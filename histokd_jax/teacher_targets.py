@@ -19,7 +19,6 @@ demo measures what they cost in accuracy (BENCHMARKS.md).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -29,22 +28,7 @@ from tqdm import tqdm
 
 from histokd_jax import parallel
 from histokd_jax.data.pipeline import eval_batches
-from histokd_jax.data.views import DIHEDRAL, dihedral
 from histokd_jax.models import last_stage, normalize_images
-
-def expand_views(batch: dict[str, jnp.ndarray], t_logits: jnp.ndarray, t_map: jnp.ndarray, *, views_per_crop: int):
-    """Stack ``views_per_crop`` dihedral transforms of every crop (student image, teacher map) along the batch.
-
-    Returns ``(student_images, teacher_logits, teacher_maps, labels, has_label)`` of
-    ``K * B`` rows: rows ``[k*B, (k+1)*B)`` are transform ``k`` of the B crops.
-    """
-    if not 1 <= views_per_crop <= len(DIHEDRAL):
-        raise ValueError(f"distill.views_per_crop must be in 1..{len(DIHEDRAL)}, got {views_per_crop}")
-    ks = range(views_per_crop)
-    images = jnp.concatenate([dihedral(batch["student_image"], k) for k in ks])
-    maps = jnp.concatenate([dihedral(t_map, k) for k in ks])
-    tile = functools.partial(jnp.tile, reps=views_per_crop)
-    return images, jnp.tile(t_logits, (views_per_crop, 1)), maps, tile(batch["label"]), tile(batch["has_label"])
 
 
 def compute_targets(

@@ -166,12 +166,9 @@ def run_stage(
     params = init_params(stage.model, rng=jax.random.key(stage.seed), input_px=stage.input_px)
 
     cfg, train = stage.cfg, config.train
-    crops = cfg.batch_size // stage.views_per_crop
-    if crops * stage.views_per_crop != cfg.batch_size:
-        raise ValueError(f"{stage.section}.batch_size={cfg.batch_size} is not a multiple of "
-                         f"distill.views_per_crop={stage.views_per_crop}")
-    per_process_batch = parallel.check_batch_size(crops, mesh=mesh, what=f"{stage.role} crops per batch "
-                                                  f"({stage.section}.batch_size / views per crop)")
+    # config_checks.check_batch_sizes has made sure the crops of a batch split evenly over the devices
+    per_process_batch = parallel.check_batch_size(cfg.batch_size // stage.views_per_crop, mesh=mesh,
+                                                  what=f"{stage.role} crops per batch")
     parallel.check_batch_size(train.eval_batch_size, mesh=mesh, what="train.eval_batch_size")
     tx = make_optimizer(cfg.optim, total_steps=cfg.steps)
     state = parallel.put_replicated(create_train_state(params, tx=tx), mesh=mesh)

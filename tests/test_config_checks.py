@@ -114,6 +114,11 @@ def test_unknown_stage_names_are_refused(config, tmp_path):
     ("train.select_metric", "acc", r"train.select_metric='acc' is not a metric; use one of accuracy, balanced_accuracy"),
     ("train.log_every_steps", 0, r"train.log_every_steps=0 must be positive"),
     ("control.steps", -1, r"control.steps=-1 must be positive"),
+    ("model.compute_dtype", "float16", r"model.compute_dtype='float16' is not one of 'float32', 'bfloat16'"),
+    ("model.padding", "valid", r"model.padding='valid' is not one of 'same', 'symmetric'"),
+    ("distill.teacher_dtype", "bf16", r"distill.teacher_dtype='bf16' is not one of '', 'float32', 'bfloat16'"),
+    ("distill.views_per_crop", 0, r"distill.views_per_crop=0 must be 1..8"),
+    ("distill.views_per_crop", 9, r"distill.views_per_crop=9 must be 1..8: a crop has 8 distinct"),
 ])
 def test_settings_that_would_fail_after_training_are_refused(config, tmp_path, key, value, match):
     section, name = key.split(".")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from histokd_jax import losses, models, parallel, steps, teacher_targets, trainer
-from histokd_jax.data.views import DIHEDRAL, ViewSpec, area_downsample, dihedral, make_views
+from histokd_jax.data.views import ViewSpec, area_downsample, make_views
+from histokd_jax.symmetry import DIHEDRAL, dihedral
 from histokd_jax.state import create_train_state
 from tests.test_steps import STUDENT, TEACHER, make_batch
 from tests.tiny import tiny_config
@@ -52,20 +53,23 @@ def test_each_student_view_is_paired_with_its_own_turned_map():
     maps = np.stack([area_downsample(im, 4) for im in images])  # (3, 2, 2, 3)
     batch = {"student_image": jnp.asarray(images), "label": jnp.arange(3), "has_label": jnp.ones(3, bool)}
     for k in (2, 4, 8):
-        s, t_logits, t_map, labels, has_label = teacher_targets.expand_views(
-            batch, jnp.eye(3), jnp.asarray(maps), views_per_crop=k)
+        s, t_logits, t_map, labels, has_label = steps.expand_views(batch, jnp.eye(3), jnp.asarray(maps),
+                                                                   views_per_crop=k)
         assert s.shape == (3 * k, 8, 8, 3) and t_map.shape == (3 * k, 2, 2, 3)
-        for row in range(3 * k):
+        for row in range(3 * k):  # crop-major: the views of a crop are adjacent rows (they stay on its device)
+            crop = row // k
             np.testing.assert_allclose(np.asarray(t_map[row]), area_downsample(np.asarray(s[row]), 4), rtol=1e-6)
-            np.testing.assert_array_equal(np.asarray(t_logits[row]), np.eye(3)[row % 3])
-        assert list(np.asarray(labels)) == list(range(3)) * k and bool(np.all(has_label))
-        views = {np.asarray(s[row]).tobytes() for row in range(0, 3 * k, 3)}
+            np.testing.assert_array_equal(np.asarray(t_logits[row]), np.eye(3)[crop])
+            assert sorted(np.asarray(s[row]).ravel()) == sorted(images[crop].ravel())  # a view of that crop
+        assert list(np.asarray(labels)) == [c for c in range(3) for _ in range(k)] and bool(np.all(has_label))
+        views = {np.asarray(s[row]).tobytes() for row in range(k)}
         assert len(views) == k  # k different views of the first crop
 
 
 @pytest.mark.slow
 def test_step_with_views_per_crop_trains_on_each_view_against_its_turned_target():
-    """The step's losses equal the loss computed by hand over the K views (numpy turns, the model's forward)."""
+    """The step's losses equal the loss computed by hand over the K views (turned by ``dihedral``, itself checked
+    against the symmetry group above; the model's own forward; the losses module, checked against numpy)."""
     k = 4
     tx = steps_tx()
     # 32 px teacher and 16 px student: the student's last map is 2x2, so a wrong turn of the target shows
@@ -129,16 +133,19 @@ def test_cached_views_turn_the_map_with_the_crop_and_skip_colour_jitter():
     central = image[2:10, 2:10]
     element = {"image": image, "label": 1, "has_label": True, "teacher_logits": np.arange(3.0),
                "teacher_map": area_downsample(central.astype(np.float32), 4)}
+    unturned = area_downsample(central, 2)
     seen = set()
     for seed in range(40):
         views = make_views(element, spec=spec, rng=np.random.default_rng(seed))
-        teacher = views["teacher_image"]
-        assert sorted(teacher.ravel()) == sorted(central.ravel())  # the central crop, not jittered
-        np.testing.assert_allclose(views["teacher_map"], area_downsample(teacher.astype(np.float32), 4), rtol=1e-6)
-        seen.add(teacher.tobytes())
+        student = views["student_image"]
+        assert "teacher_image" not in views  # the cached targets stand in for the teacher
+        assert sorted(student.ravel()) == sorted(unturned.ravel())  # the central crop turned, not jittered
+        # the map is the (rounded) student view's block mean, turned alike: within the uint8 rounding
+        np.testing.assert_allclose(views["teacher_map"], area_downsample(student.astype(np.float32), 2), atol=0.5)
+        seen.add(student.tobytes())
     assert len(seen) == 8  # every flip and turn is drawn
     no_turns = ViewSpec(teacher_px=8, downsample=2, flips=False, rot90=False)
-    assert np.array_equal(make_views(element, spec=no_turns, rng=np.random.default_rng(0))["teacher_image"], central)
+    assert np.array_equal(make_views(element, spec=no_turns, rng=np.random.default_rng(0))["student_image"], unturned)
 
 
 @pytest.mark.slow
@@ -180,10 +187,28 @@ def _distill_config(tiny_teacher, **options):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("option", [{"views_per_crop": 2}, {"target_cache": True}, {"teacher_dtype": "bfloat16"}])
-def test_trainer_distils_with_each_teacher_share_option(tmp_path, tiny_teacher, option):
-    rows = trainer.train_and_evaluate(_distill_config(tiny_teacher, **option), tmp_path)
+def test_trainer_distils_with_each_teacher_share_option(tmp_path, tiny_teacher, option, monkeypatch):
+    """Each option reaches the step: fewer crops per loader batch, cached targets in the batch, a bf16 teacher."""
+    seen = {}
+    real_loader, real_step = trainer.make_train_loader, steps.distill_step
+
+    def loader(source, **kwargs):
+        seen["crops"], seen["cached"] = kwargs["batch_size"], "teacher_map" in source[0]
+        return real_loader(source, **kwargs)
+
+    def step(state, teacher_params, batch, *, teacher, **kwargs):
+        seen["teacher_dtype"], seen["batch_keys"] = teacher.dtype, set(batch)
+        return real_step(state, teacher_params, batch, teacher=teacher, **kwargs)
+
+    monkeypatch.setattr(trainer, "make_train_loader", loader)
+    monkeypatch.setattr(steps, "distill_step", step)
+    config = _distill_config(tiny_teacher, **option)
+    rows = trainer.train_and_evaluate(config, tmp_path)
     student = next(r for r in rows if r["role"] == "student_kd")
     assert 0.0 <= student["accuracy"] <= 1.0
+    assert seen["crops"] == config.distill.batch_size // option.get("views_per_crop", 1)
+    assert seen["cached"] == ("teacher_map" in seen["batch_keys"]) == bool(option.get("target_cache"))
+    assert seen["teacher_dtype"] == (jnp.bfloat16 if option.get("teacher_dtype") else jnp.float32)
 
 
 @pytest.mark.slow

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 import grain
-import jax.numpy as jnp
 import numpy as np
+
+from histokd_jax.symmetry import DIHEDRAL, dihedral
 
 ALLOWED_DOWNSAMPLES = (1, 2, 4, 8, 16)
 
@@ -70,26 +71,6 @@ def color_jitter(
     return np.clip(image @ matrix.astype(np.float32) + offset.astype(np.float32), 0.0, 1.0)
 
 
-# The 8 elements of the square's symmetry group as (mirror left-right first?, quarter turns), ordered so
-# that the first K are as different as possible for small K (identity, half turn, mirror, quarter turn...).
-DIHEDRAL: tuple[tuple[bool, int], ...] = (
-    (False, 0), (False, 2), (True, 0), (False, 1), (True, 1), (False, 3), (True, 2), (True, 3)
-)
-
-
-def dihedral(x, index: int, *, axes: tuple[int, int] = (1, 2)):
-    """Element ``index`` of ``DIHEDRAL`` applied to the (row, column) ``axes`` of a numpy or jax array.
-
-    The same call turns an NHWC batch of images and an NHWC batch of feature maps
-    alike, which is what keeps a student view paired with its teacher target.
-    """
-    mirror, turns = DIHEDRAL[index]
-    xp = np if isinstance(x, np.ndarray) else jnp  # jax arrays and tracers
-    if mirror:
-        x = xp.flip(x, axis=axes[1])
-    return xp.rot90(x, k=turns, axes=axes)
-
-
 def crop(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
     """A ``size`` square crop: random when ``rng`` is given, central otherwise."""
     h, w, _ = image.shape
@@ -142,7 +123,8 @@ def make_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None
     With ``rng=None`` (evaluation) the crop is central and nothing is augmented.
     A record with cached teacher targets (``teacher_logits``, ``teacher_map``: see
     ``teacher_targets.CachedTargetSource``) is cropped centrally, as when it was
-    cached, and only flipped and rotated, together with its map.
+    cached, and only flipped and rotated, together with its map; it has no
+    ``teacher_image``.
     """
     if "teacher_map" in element:
         return _cached_views(element, spec=spec, rng=rng)
@@ -165,8 +147,7 @@ def _cached_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | N
         index = allowed[int(rng.integers(0, len(allowed)))]
         teacher = np.ascontiguousarray(dihedral(teacher, index, axes=(0, 1)))
         t_map = np.ascontiguousarray(dihedral(t_map, index, axes=(0, 1)))
-    return {
-        "teacher_image": teacher,
+    return {  # no teacher image: the step uses the cached targets instead, so it is not sent to the devices
         "student_image": area_downsample(teacher, spec.downsample),
         "teacher_logits": np.asarray(element["teacher_logits"], np.float32),
         "teacher_map": np.asarray(t_map, np.float32),
