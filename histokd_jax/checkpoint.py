@@ -25,7 +25,6 @@ at all predates them (older orbax) and is left as it is.
 
 from __future__ import annotations
 
-import itertools
 import json
 import pathlib
 import re
@@ -38,12 +37,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh
 
-from histokd_jax.parallel import replicated
+from histokd_jax.parallel import any_process, replicated
 
 ITEMS = ("state", "best", "data", "meta", "config")
 COMMIT_MARKER = "commit_success.txt"  # what orbax writes last, in the step and in each item's directory
 _STEP_NAME = re.compile(r"(0|[1-9][0-9]*)")  # orbax's default step directory names
-_barriers = itertools.count()
 
 
 def is_complete(step_dir: pathlib.Path) -> bool:
@@ -78,28 +76,39 @@ def set_aside_incomplete_steps(directory: pathlib.Path) -> list[pathlib.Path]:
     """Clear unfinished step directories out of orbax's way (see the module docstring): finish deleting
     those older than the last complete step, rename newer ones to ``<step>.incomplete``. Returns the
     directories moved aside. Only process 0 changes anything; every process waits until it has."""
-    moved = []
+    moved, error = [], None
     if jax.process_index() == 0 and directory.is_dir():
-        for path in sorted(directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*")):
-            logging.warning("%s: ignoring %s, left by an interrupted save; it will be deleted", directory, path.name)
-        unfinished = incomplete_steps(directory)
-        complete = [int(p.name) for p in directory.iterdir()
-                    if p.is_dir() and _STEP_NAME.fullmatch(p.name) and p not in unfinished]
-        for path in unfinished:
-            if complete and int(path.name) < max(complete):
-                shutil.rmtree(path)
-                logging.warning("%s: deleted step %s, an unfinished deletion of an old checkpoint",
-                                directory, path.name)
-                continue
-            target = path.with_name(path.name + ".incomplete")
-            if target.exists():  # left by an earlier crash at the same step
-                shutil.rmtree(target)
-            path.rename(target)
-            moved.append(target)
-            logging.warning("%s: step %s was not completely written (no commit marker); ignoring it and moving it "
-                            "to %s, resuming from %s", directory, path.name, target.name,
-                            f"step {max(complete)}" if complete else "the start")
-    ocp.multihost.sync_global_processes(f"histokd_set_aside_incomplete_steps:{next(_barriers)}")
+        try:
+            moved = _set_aside(directory)
+        except OSError as e:  # re-raised below, once every process knows
+            error = e
+    if any_process(error is not None):  # also the barrier: the others wait here for process 0
+        raise error if error is not None else RuntimeError(
+            f"process 0 could not clear unfinished checkpoints out of {directory}; its log says why")
+    return moved
+
+
+def _set_aside(directory: pathlib.Path) -> list[pathlib.Path]:
+    moved = []
+    for path in sorted(directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*")):
+        logging.warning("%s: ignoring %s, left by an interrupted save; it will be deleted", directory, path.name)
+    unfinished = incomplete_steps(directory)
+    complete = [int(p.name) for p in directory.iterdir()
+                if p.is_dir() and _STEP_NAME.fullmatch(p.name) and p not in unfinished]
+    for path in unfinished:
+        if complete and int(path.name) < max(complete):
+            shutil.rmtree(path)
+            logging.warning("%s: deleted step %s, an unfinished deletion of an old checkpoint",
+                            directory, path.name)
+            continue
+        target = path.with_name(path.name + ".incomplete")
+        if target.exists():  # left by an earlier crash at the same step
+            shutil.rmtree(target)
+        path.rename(target)
+        moved.append(target)
+        logging.warning("%s: step %s was not completely written (no commit marker); ignoring it and moving it "
+                        "to %s, resuming from %s", directory, path.name, target.name,
+                        f"step {max(complete)}" if complete else "the start")
     return moved
 
 

@@ -19,6 +19,9 @@ DATA_AXIS = "data"
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     """A mesh over all (global) devices with one ``'data'`` axis of Auto type."""
     devices = list(devices) if devices is not None else jax.devices()
+    # process p's devices at mesh positions [p*L, (p+1)*L): the rows each process feeds (put_batch, the
+    # loaders) then land in global batch order, which keeps predictions matched with their labels
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
@@ -83,8 +86,14 @@ def process_0_first(fn: Callable[[], Any]) -> Any:
     data, slide-index caches on a shared filesystem) is then found by the others instead of raced for."""
     if jax.process_count() == 1:
         return fn()
-    from jax.experimental import multihost_utils
-
-    out = fn() if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("histokd_jax: process 0 first")
+    out, error = None, None
+    if jax.process_index() == 0:
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
+            error = e
+    if any_process(error is not None):  # also the barrier: the others wait here for process 0
+        if error is not None:
+            raise error
+        raise RuntimeError("process 0 failed while preparing the data; its log says why")
     return out if jax.process_index() == 0 else fn()

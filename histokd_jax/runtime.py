@@ -21,7 +21,9 @@ def prepare_runtime() -> None:
 
 # Variables that mean "you are one of several processes" (a SLURM job step, an Open MPI launch, a multi-host
 # Cloud TPU slice, or JAX's own); jax.distributed.initialize() reads the rest of the set-up from them.
-CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+# SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: the latter is also set in the batch script itself, outside `srun`.
+CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE",
+                     "TPU_WORKER_HOSTNAMES")
 
 
 def _several(value: str | None) -> bool:

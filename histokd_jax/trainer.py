@@ -227,7 +227,10 @@ def run_stage(
             last = step == cfg.steps
             eval_now = step % cfg.eval_every_steps == 0 or last
             save_now = eval_now or step % train.checkpoint_every_steps == 0
-            stop_now = parallel.any_process(bool(should_stop and should_stop(stage.role, step)))
+            stop_now = bool(should_stop and should_stop(stage.role, step))
+            if jax.process_count() > 1:  # processes agree at log and save steps only: no sync on every step
+                at_boundary = step % train.log_every_steps == 0 or save_now
+                stop_now = at_boundary and parallel.any_process(stop_now)
             if not (step % train.log_every_steps == 0 or save_now or stop_now):
                 continue
             means = _flush(
@@ -469,7 +472,11 @@ def train_and_evaluate(
         (workdir / "results.json").write_text(json.dumps(rows, indent=2))
     print(format_table(rows), flush=True)
     if writer.enabled and config.train.final_report:
-        finish_run(config, workdir, splits=splits)
+        if jax.process_count() > 1:  # the report measures speed and runs inference on this host's devices alone
+            say(f"multi-process run: write the report on one host afterwards with "
+                f"python launch/evaluate.py --workdir={workdir} (and launch/sweep.py / launch/predict.py)")
+        else:
+            finish_run(config, workdir, splits=splits)
     return rows
 
 

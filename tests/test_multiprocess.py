@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -22,10 +23,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_processes_read_disjoint_rows_of_the_single_process_stream():
-    """P samplers of b rows each, side by side, are the one-process sampler of P*b rows: same records, same seeds."""
+    """P samplers of b rows each, side by side, are grain's one-process shuffled stream: same records, same seeds."""
     b, n_proc, records = 3, 2, 10
-    single = GlobalBatchSampler(num_records=records, seed=7, per_process_batch=b * n_proc, process_index=0,
-                                process_count=1)
+    single = grain.samplers.IndexSampler(num_records=records, shuffle=True, num_epochs=None, seed=7)  # grain's own
     shards = [GlobalBatchSampler(num_records=records, seed=7, per_process_batch=b, process_index=p,
                                  process_count=n_proc) for p in range(n_proc)]
     for batch in range(7):  # several epochs of 10 records
@@ -42,8 +42,9 @@ def test_processes_read_disjoint_rows_of_the_single_process_stream():
 
 @pytest.mark.parametrize("environ, expected", [
     ({}, False),
-    ({"SLURM_NTASKS": "1"}, False),
-    ({"SLURM_NTASKS": "4"}, True),
+    ({"SLURM_STEP_NUM_TASKS": "1"}, False),
+    ({"SLURM_NTASKS": "4"}, False),  # set in an sbatch script too: only an srun step is a multi-process launch
+    ({"SLURM_STEP_NUM_TASKS": "4"}, True),
     ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
     ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),
     ({"TPU_WORKER_HOSTNAMES": "h0,h1"}, True),
@@ -89,10 +90,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     port = _free_port()
     procs = [subprocess.Popen([*cmd, f"--workdir={tmp_path / 'two'}", f"--coordinator_address=localhost:{port}",
-                               "--num_processes=2", f"--process_id={i}"], cwd=REPO, env=env(1),
+                               "--num_processes=2", f"--process_id={i}", "--config.train.final_report=True"], cwd=REPO, env=env(1),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "write the report on one host afterwards" in outs[0]  # not a report that waits for the others
     assert "devices" in (tmp_path / "two" / "run.json").read_text()
     assert '"processes": 2' in (tmp_path / "two" / "run.json").read_text()
 
