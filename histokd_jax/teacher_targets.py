@@ -19,6 +19,8 @@ demo measures what they cost in accuracy (BENCHMARKS.md).
 
 from __future__ import annotations
 
+import json
+import pathlib
 from typing import Any
 
 import jax
@@ -54,24 +56,67 @@ def compute_targets(
     return np.concatenate(logits), np.concatenate(maps)
 
 
+def fingerprint(params: Any) -> list[float]:
+    """A cheap signature of the teacher's parameters: a saved cache is reused only for the same teacher."""
+    leaves = jax.tree.leaves(parallel.to_host(params))
+    return [float(len(leaves)), float(sum(np.sum(np.asarray(x, np.float64)) for x in leaves)),
+            float(sum(np.sum(np.abs(np.asarray(x, np.float64))) for x in leaves))]
+
+
+def save_targets(folder: pathlib.Path, *, logits: np.ndarray, maps: np.ndarray, teacher: list[float]) -> None:
+    """``logits.npy``, ``maps.npy`` and ``meta.json`` (written last: its presence marks a complete cache)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").unlink(missing_ok=True)
+    for name, array in (("logits", logits), ("maps", maps)):
+        partial = folder / f"{name}.partial.npy"
+        np.save(partial, array)
+        partial.replace(folder / f"{name}.npy")
+    (folder / "meta.json").write_text(json.dumps({"records": len(logits), "teacher": teacher}))
+
+
+def saved_targets_match(folder: pathlib.Path, *, records: int, teacher: list[float]) -> bool:
+    meta = folder / "meta.json"
+    if not meta.exists():
+        return False
+    saved = json.loads(meta.read_text())
+    return saved["records"] == records and np.allclose(saved["teacher"], teacher, rtol=1e-9)
+
+
 class CachedTargetSource:
     """A source whose records carry the teacher's cached targets (``teacher_logits``, ``teacher_map``).
 
     ``data.views.make_views`` sees them and then crops centrally, applies the same
-    random dihedral transform to the crop and the map, and skips colour jitter.
+    random dihedral transform to the crop and the map, and skips colour jitter. The
+    targets stay in ``folder`` and are memory-mapped where they are read: grain's
+    workers receive the folder's name, not gigabytes of feature maps.
     """
 
-    def __init__(self, source, *, logits: np.ndarray, maps: np.ndarray):
-        if not len(source) == len(logits) == len(maps):
-            raise ValueError(f"{len(logits)} cached targets for a source of {len(source)} records")
-        self.source, self.logits, self.maps = source, logits, maps
+    def __init__(self, source, *, folder: str | pathlib.Path):
+        self.source, self.folder = source, pathlib.Path(folder)
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+        if len(self._targets()[0]) != len(source):
+            raise ValueError(f"{len(self._targets()[0])} cached targets in {folder} for a source of "
+                             f"{len(source)} records")
+
+    def _targets(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = (np.load(self.folder / "logits.npy", mmap_mode="r"),
+                            np.load(self.folder / "maps.npy", mmap_mode="r"))
+        return self._arrays
+
+    def __repr__(self) -> str:  # grain checks a resumed loader's source by its repr
+        return f"CachedTargetSource({self.source!r}, folder={str(self.folder)!r})"
+
+    def __getstate__(self) -> dict:  # pickled into grain workers: without the mapped arrays
+        return {**self.__dict__, "_arrays": None}
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
+        logits, maps = self._targets()
         element = dict(self.source[index])
-        element["teacher_logits"], element["teacher_map"] = self.logits[index], self.maps[index]
+        element["teacher_logits"], element["teacher_map"] = np.array(logits[index]), np.array(maps[index])
         return element
 
     def labels(self) -> np.ndarray:

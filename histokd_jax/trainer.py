@@ -60,7 +60,8 @@ class Stage:
     seed: int
     teacher_params: Any = None  # distillation only: the frozen teacher, passed to every step
     views_per_crop: int = 1  # distillation: student views per teacher crop (the loader batch is batch_size / this)
-    prepare_source: Callable[..., Any] | None = None  # (source, mesh=) -> source, e.g. attach cached teacher targets, once training starts
+    # (source, mesh=, stage_dir=) -> source, called once training starts: e.g. attach cached teacher targets
+    prepare_source: Callable[..., Any] | None = None
 
 
 def make_model(config: ml_collections.ConfigDict, *, num_classes: int) -> ResNetGN:
@@ -174,7 +175,8 @@ def run_stage(
     state = parallel.put_replicated(create_train_state(params, tx=tx), mesh=mesh)
     iterator = iter(
         make_train_loader(
-            stage.prepare_source(stage.train_source, mesh=mesh) if stage.prepare_source else stage.train_source,
+            stage.prepare_source(stage.train_source, mesh=mesh, stage_dir=stage_dir) if stage.prepare_source
+            else stage.train_source,
             spec=view_spec(config.data, train=True),
             batch_size=per_process_batch,
             seed=stage.seed,
@@ -390,15 +392,25 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
     )
 
 
-def _cache_targets(source, *, teacher_params, teacher, config, mesh) -> teacher_targets.CachedTargetSource:
-    """``distill.target_cache``: one teacher pass over the pool, before the student's first step."""
+def _cache_targets(source, *, teacher_params, teacher, config, mesh,
+                   stage_dir: pathlib.Path) -> teacher_targets.CachedTargetSource:
+    """``distill.target_cache``: one teacher pass over the pool before the student's first step, saved in
+    ``stage_dir/teacher_targets`` and reused when the stage resumes with the same teacher."""
+    folder = stage_dir / "teacher_targets"
+    signature = teacher_targets.fingerprint(teacher_params)
+    if teacher_targets.saved_targets_match(folder, records=len(source), teacher=signature):
+        say(f"teacher targets: reusing {folder}")
+        return teacher_targets.CachedTargetSource(source, folder=folder)
     started = time.perf_counter()
-    logits, maps = teacher_targets.compute_targets(
+    logits, maps = teacher_targets.compute_targets(  # every process takes part: the mesh spans them all
         teacher_params, source, teacher=teacher, spec=view_spec(config.data, train=False),
         mesh=mesh, batch_size=config.train.eval_batch_size, show_progress=config.train.progress)
+    if jax.process_index() == 0:
+        teacher_targets.save_targets(folder, logits=logits, maps=maps, teacher=signature)
+    parallel.any_process(False)  # a barrier: the files are complete before any process maps them
     say(f"teacher targets cached for {len(source)} pool crops in {time.perf_counter() - started:.1f} s "
-        f"({maps.nbytes / 2**20:.0f} MiB of feature maps)")
-    return teacher_targets.CachedTargetSource(source, logits=logits, maps=maps)
+        f"({maps.nbytes / 2**20:.0f} MiB of feature maps in {folder})")
+    return teacher_targets.CachedTargetSource(source, folder=folder)
 
 
 def _teacher_params(config, *, model, input_px, mesh, workdir, class_names) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -215,3 +216,33 @@ def test_trainer_distils_with_each_teacher_share_option(tmp_path, tiny_teacher, 
 def test_views_per_crop_must_divide_the_batch(tmp_path, tiny_teacher):
     with pytest.raises(ValueError, match="not a multiple of distill.views_per_crop=3"):
         trainer.train_and_evaluate(_distill_config(tiny_teacher, views_per_crop=3), tmp_path)
+
+
+def test_cached_targets_live_in_files_that_workers_map_instead_of_receiving(tmp_path):
+    rng = np.random.default_rng(6)
+    records = [{"image": np.zeros((4, 4, 3), np.uint8), "label": -1, "has_label": False} for _ in range(50)]
+    logits, maps = rng.normal(size=(50, 3)).astype(np.float32), rng.normal(size=(50, 8, 8, 64)).astype(np.float32)
+    signature = teacher_targets.fingerprint({"w": jnp.ones(3)})
+    teacher_targets.save_targets(tmp_path / "t", logits=logits, maps=maps, teacher=signature)
+    source = teacher_targets.CachedTargetSource(records, folder=tmp_path / "t")
+    np.testing.assert_array_equal(source[7]["teacher_map"], maps[7])
+    sent = pickle.dumps(source)  # what grain ships to each worker process
+    assert len(sent) < maps.nbytes / 50  # the folder's name and the records, not the 820 KB of maps
+    again = pickle.loads(sent)
+    np.testing.assert_array_equal(again[49]["teacher_logits"], logits[49])
+    assert teacher_targets.saved_targets_match(tmp_path / "t", records=50, teacher=signature)
+    assert not teacher_targets.saved_targets_match(tmp_path / "t", records=51, teacher=signature)
+    other = teacher_targets.fingerprint({"w": jnp.full(3, 2.0)})
+    assert not teacher_targets.saved_targets_match(tmp_path / "t", records=50, teacher=other)
+    with pytest.raises(ValueError, match="50 cached targets .* for a source of 49 records"):
+        teacher_targets.CachedTargetSource(records[:49], folder=tmp_path / "t")
+
+
+@pytest.mark.slow
+def test_a_resumed_stage_reuses_the_saved_targets(tmp_path, tiny_teacher, capsys):
+    config = _distill_config(tiny_teacher, target_cache=True)
+    stop = lambda role, step: step == 2  # noqa: E731
+    assert trainer.train_and_evaluate(config, tmp_path, should_stop=stop) is None
+    assert "teacher targets cached" in capsys.readouterr().out
+    assert trainer.train_and_evaluate(config, tmp_path) is not None
+    assert "teacher targets: reusing" in capsys.readouterr().out
