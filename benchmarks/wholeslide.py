@@ -54,7 +54,7 @@ def run_one(slide: pathlib.Path, factor: int, repeats: int, batch_size: int) -> 
             times.append(time.perf_counter() - t0)
     return {"factor": factor, "input_px": px, "mpp": TEACHER_MPP * factor, "level": summary["level"],
             "tiles": summary["tiles"], "seconds": float(np.median(times[1:])), "first_seconds": times[0],
-            "gflops": trainer.gflops_per_image(model, params, input_px=px),
+            "gflops": trainer.gflops_per_image(model, input_px=px),
             "peak_rss_mb": peak_rss_mb()}
 
 

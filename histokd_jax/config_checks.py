@@ -183,10 +183,10 @@ def check_training_settings(config: ml_collections.ConfigDict) -> None:
 
 def check_model_options(config: ml_collections.ConfigDict) -> None:
     """Choices read only when a model is built or a step traced: after the teacher's training, for distill."""
-    from histokd_jax.models import PADDINGS
+    from histokd_jax.models import COMPUTE_DTYPES, PADDINGS
     from histokd_jax.symmetry import DIHEDRAL
 
-    dtypes = ("float32", "bfloat16")
+    dtypes = tuple(COMPUTE_DTYPES)
     checks = [("model.compute_dtype", config.model.get("compute_dtype", "float32"), dtypes),
               ("model.padding", config.model.get("padding", "same"), PADDINGS),
               ("distill.teacher_dtype", config.distill.get("teacher_dtype", ""), ("", *dtypes))]

@@ -111,6 +111,8 @@ MATMUL_MAX_POSITIONS = 16
 # meets an even size); "symmetric" is PyTorch's ``padding=k // 2`` on both sides, which a teacher
 # imported from the authors' PyTorch code needs (``histokd_jax.torch_interop``). Output sizes agree.
 PADDINGS = ("same", "symmetric")
+# Compute precisions of ``model.compute_dtype`` / ``distill.teacher_dtype`` (parameters stay float32).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, tuple[int, int]]:

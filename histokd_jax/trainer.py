@@ -20,7 +20,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -31,7 +30,7 @@ from histokd_jax.data.splits import DataSplits, load_splits, view_spec
 from histokd_jax.config_checks import check_config, check_teacher_matches, require_finished_teacher
 from histokd_jax.metric_writer import MetricWriter
 from histokd_jax.metrics import classification_metrics
-from histokd_jax.models import ResNetGN, forward_flops
+from histokd_jax.models import COMPUTE_DTYPES, ResNetGN, forward_flops
 from histokd_jax.optim import make_optimizer
 from histokd_jax.state import abstract_params, create_train_state, init_params
 
@@ -81,16 +80,15 @@ def make_model(config: ml_collections.ConfigDict, *, num_classes: int) -> ResNet
 def compute_dtype(name: str) -> Any:
     """``model.compute_dtype``: "float32", or "bfloat16" for mixed precision on GPU/TPU (parameters,
     GroupNorm statistics, logits and losses stay float32). On CPUs without bfloat16 units it is slower."""
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {name!r}")
-    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"model.compute_dtype must be one of {', '.join(map(repr, COMPUTE_DTYPES))}, got {name!r}")
+    return COMPUTE_DTYPES[name]
 
 
-def gflops_per_image(model: ResNetGN, params: Any = None, *, input_px: int) -> float:
+def gflops_per_image(model: ResNetGN, *, input_px: int) -> float:
     """GFLOPs of one forward pass, counted analytically (``models.forward_flops``: every kernel tap,
     as papers count them). XLA's cost analysis would depend on the lowering: it skips padded taps of
     its convolutions but counts them in the patch matmuls that small convolutions become."""
-    del params
     return forward_flops(input_px=input_px, widths=tuple(model.widths), blocks_per_stage=tuple(model.blocks_per_stage),
                          num_classes=model.num_classes) / 1e9
 
@@ -266,7 +264,7 @@ def run_stage(
         manager.close()
 
     labels, probs = run_eval(best_params, splits.test)
-    row = result_row(stage, params=best_params, labels=labels, probs=probs)
+    row = result_row(stage, labels=labels, probs=probs)
     # wall time of this run of the stage (since the last resume), compilation and validation included
     row.update(best_val_step=best["step"], best_val_metric=best["metric"],
                stage_seconds=round(time.perf_counter() - started, 1))
@@ -322,14 +320,14 @@ def _check_resumable(manager, *, stage: Stage, config: ml_collections.ConfigDict
         )
 
 
-def result_row(stage: Stage, *, params: Any, labels: np.ndarray, probs: np.ndarray) -> dict:
+def result_row(stage: Stage, *, labels: np.ndarray, probs: np.ndarray) -> dict:
     return {
         "role": stage.role,
         "input_px": stage.input_px,
         "downsample": stage.downsample,
         "split": "test",
         **classification_metrics(labels, probs),
-        "gflops_per_image": gflops_per_image(stage.model, params, input_px=stage.input_px),
+        "gflops_per_image": gflops_per_image(stage.model, input_px=stage.input_px),
     }
 
 
@@ -460,7 +458,7 @@ def train_and_evaluate(
                 labels, probs = evaluate(teacher_params, splits.test, model=model, image_key=stage.image_key,
                                          spec=view_spec(config.data, train=False), mesh=mesh,
                                          batch_size=config.train.eval_batch_size)
-                rows.append(result_row(stage, params=teacher_params, labels=labels, probs=probs))
+                rows.append(result_row(stage, labels=labels, probs=probs))
                 if writer.enabled and not (workdir / "teacher" / "checkpoints").exists():
                     save_test_predictions(workdir / "teacher", labels=labels, probs=probs, splits=splits)
                 continue
