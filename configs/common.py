@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.test_split = "test"
     c.data.unlabeled_folder = "unlabeled"  # root/<this>/**/*.png, used by distillation only
     c.data.use_unlabeled = True  # distil on train + unlabelled pool (the paper's self-supervised setting)
+    c.data.unlabeled_split = ""  # "tfds": a split read WITHOUT its labels as the unlabelled pool, e.g. "train[50%:]"
     c.data.unlabeled_fraction = 1.0  # share of the unlabelled pool used (a seeded subset; the sweep grows it)
     c.data.teacher_px = 224  # side of the teacher crop, in pixels at the teacher resolution
     # Teacher and student resolution; downsample = ratio of the two. Magnification strings use the

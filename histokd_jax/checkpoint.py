@@ -39,7 +39,9 @@ from jax.sharding import Mesh
 
 from histokd_jax.parallel import any_process, replicated
 
-ITEMS = ("state", "best", "data", "meta", "config")
+# "identity": what the stage's result depends on beyond its config (the training data's and the teacher's
+# fingerprints), compared before a resume; checkpoints written before it existed have none.
+ITEMS = ("state", "best", "data", "meta", "config", "identity")
 COMMIT_MARKER = "commit_success.txt"  # what orbax writes last, in the step and in each item's directory
 _STEP_NAME = re.compile(r"(0|[1-9][0-9]*)")  # orbax's default step directory names
 
@@ -130,6 +132,7 @@ def save(
     data_iterator: Any,
     meta: dict,
     config_json: str,
+    identity: dict,
 ) -> None:
     """Save asynchronously; call ``manager.wait_until_finished()`` before exiting."""
     manager.save(
@@ -140,6 +143,7 @@ def save(
             data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave(meta),
             config=ocp.args.JsonSave(json.loads(config_json)),
+            identity=ocp.args.JsonSave(identity),
         ),
         force=True,
     )
@@ -166,6 +170,13 @@ def restore(manager: ocp.CheckpointManager, step: int, *, state_like: Any, data_
 def load_config(manager: ocp.CheckpointManager, step: int) -> dict:
     """The config (as a JSON dict) a checkpoint was saved with."""
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def load_identity(manager: ocp.CheckpointManager, step: int) -> dict | None:
+    """The data and teacher fingerprints a checkpoint was saved with; None for checkpoints older than them."""
+    if not (pathlib.Path(manager.directory) / str(step) / "identity").is_dir():
+        return None
+    return manager.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"]
 
 
 def load_best_params(directory: str | pathlib.Path, *, params_like: Any, mesh: Mesh) -> tuple[Any, dict]:

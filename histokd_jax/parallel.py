@@ -81,6 +81,18 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
+def from_process_0(value: int | bool) -> int | bool:
+    """Process 0's ``value`` on every process: a decision read from the filesystem (is the stage finished,
+    is the cache valid, which step to resume) is taken once. A shared filesystem can show hosts different
+    states for a moment; hosts that decided apart would then wait forever in different collectives."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    out = multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)).item()
+    return bool(out) if isinstance(value, bool) else int(out)
+
+
 def process_0_first(fn: Callable[[], Any]) -> Any:
     """``fn()`` on process 0, then, after a barrier, on the others: what process 0 writes (generated demo
     data, slide-index caches on a shared filesystem) is then found by the others instead of raced for."""

@@ -19,7 +19,9 @@ demo measures what they cost in accuracy (BENCHMARKS.md).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -28,9 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from histokd_jax import parallel
+from histokd_jax import atomic, parallel
 from histokd_jax.data.pipeline import eval_batches
 from histokd_jax.models import last_stage, normalize_images
+
+log = logging.getLogger(__name__)
 
 
 def compute_targets(
@@ -56,30 +60,52 @@ def compute_targets(
     return np.concatenate(logits), np.concatenate(maps)
 
 
-def fingerprint(params: Any) -> list[float]:
-    """A cheap signature of the teacher's parameters: a saved cache is reused only for the same teacher."""
-    leaves = jax.tree.leaves(parallel.to_host(params))
-    return [float(len(leaves)), float(sum(np.sum(np.asarray(x, np.float64)) for x in leaves)),
-            float(sum(np.sum(np.abs(np.asarray(x, np.float64))) for x in leaves))]
+def fingerprint(params: Any) -> str:
+    """A hash of the teacher's parameters (names, shapes, dtypes, bytes): a resume or a saved cache is
+    accepted only for the very same teacher."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(parallel.to_host(params)):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}{array.dtype.str}{array.shape}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()[:24]
 
 
-def save_targets(folder: pathlib.Path, *, logits: np.ndarray, maps: np.ndarray, teacher: list[float]) -> None:
-    """``logits.npy``, ``maps.npy`` and ``meta.json`` (written last: its presence marks a complete cache)."""
+def cache_key(source, *, teacher: str, teacher_dtype: str, teacher_px: int) -> dict:
+    """What cached targets depend on: the teacher, its precision and input size, and which records
+    (``repr(source)`` names them by content, see data/sources.py)."""
+    return {"records": len(source), "source": repr(source), "teacher": teacher,
+            "teacher_dtype": teacher_dtype, "teacher_px": int(teacher_px)}
+
+
+def save_targets(folder: pathlib.Path, *, logits: np.ndarray, maps: np.ndarray, key: dict) -> None:
+    """``logits.npy``, ``maps.npy`` and ``meta.json`` (its ``key``; written last: its presence marks a
+    complete cache). Every file is written atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "meta.json").unlink(missing_ok=True)
-    for name, array in (("logits", logits), ("maps", maps)):
-        partial = folder / f"{name}.partial.npy"
-        np.save(partial, array)
-        partial.replace(folder / f"{name}.npy")
-    (folder / "meta.json").write_text(json.dumps({"records": len(logits), "teacher": teacher}))
+    if len(logits) != key["records"]:
+        raise ValueError(f"{len(logits)} targets for a key of {key['records']} records")
+    atomic.save_npy(folder / "logits.npy", logits)
+    atomic.save_npy(folder / "maps.npy", maps)
+    atomic.write_json(folder / "meta.json", key)
 
 
-def saved_targets_match(folder: pathlib.Path, *, records: int, teacher: list[float]) -> bool:
+def saved_targets_match(folder: pathlib.Path, *, key: dict) -> bool:
+    """Whether ``folder`` holds a complete cache made for exactly ``key``; a damaged one is reported and redone."""
     meta = folder / "meta.json"
     if not meta.exists():
         return False
-    saved = json.loads(meta.read_text())
-    return saved["records"] == records and np.allclose(saved["teacher"], teacher, rtol=1e-9)
+    try:
+        saved = json.loads(meta.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("teacher targets in %s: unreadable %s (%s); computing them again", folder, meta.name, err)
+        return False
+    if saved != key:
+        differ = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+        log.warning("teacher targets in %s were made for another %s; computing them again", folder,
+                    " / ".join(differ))
+        return False
+    return True
 
 
 class CachedTargetSource:
@@ -104,8 +130,8 @@ class CachedTargetSource:
                             np.load(self.folder / "maps.npy", mmap_mode="r"))
         return self._arrays
 
-    def __repr__(self) -> str:  # grain checks a resumed loader's source by its repr
-        return f"CachedTargetSource({self.source!r}, folder={str(self.folder)!r})"
+    def __repr__(self) -> str:  # grain checks a resumed loader's source by its repr: content, not the folder's place
+        return f"CachedTargetSource({self.source!r})"
 
     def __getstate__(self) -> dict:  # pickled into grain workers: without the mapped arrays
         return {**self.__dict__, "_arrays": None}

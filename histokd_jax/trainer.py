@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from histokd_jax import checkpoint, parallel, report, steps, teacher_targets
+from histokd_jax import atomic, checkpoint, parallel, report, steps, teacher_targets
 from histokd_jax.data.pipeline import eval_batches, make_train_loader
 from histokd_jax.data.splits import DataSplits, load_splits, view_spec
 from histokd_jax.config_checks import check_config, check_teacher_matches, require_finished_teacher
@@ -58,6 +58,7 @@ class Stage:
     make_step: Callable[[Any], Callable]  # tx -> unjitted step(state, [teacher_params,] batch)
     seed: int
     teacher_params: Any = None  # distillation only: the frozen teacher, passed to every step
+    teacher_fingerprint: str | None = None  # teacher_targets.fingerprint(teacher_params): checked on resume
     views_per_crop: int = 1  # distillation: student views per teacher crop (the loader batch is batch_size / this)
     # (source, mesh=, stage_dir=) -> source, called once training starts: e.g. attach cached teacher targets
     prepare_source: Callable[..., Any] | None = None
@@ -156,11 +157,11 @@ def run_stage(
     """Train one stage (or reuse it when finished); returns (best params, test row), None if stopped."""
     stage_dir = workdir / stage.role
     result_file = stage_dir / "result.json"
-    if result_file.exists():
+    if parallel.from_process_0(result_file.exists()):  # decided once: every process takes the same branch
         say(f"{stage.role}: finished earlier, reusing {stage_dir}")
         like = abstract_params(stage.model, input_px=stage.input_px)
         best, _ = checkpoint.load_best_params(stage_dir, params_like=like, mesh=mesh)
-        return best, json.loads(result_file.read_text())
+        return best, json.loads(_shared_file(result_file).read_text())
     started = time.perf_counter()
     params = init_params(stage.model, rng=jax.random.key(stage.seed), input_px=stage.input_px)
 
@@ -171,6 +172,11 @@ def run_stage(
     parallel.check_batch_size(train.eval_batch_size, mesh=mesh, what="train.eval_batch_size")
     tx = make_optimizer(cfg.optim, total_steps=cfg.steps)
     state = parallel.put_replicated(create_train_state(params, tx=tx), mesh=mesh)
+    manager = checkpoint.make_manager(stage_dir / "checkpoints", keep=train.keep_checkpoints)
+    identity = stage_identity(stage)
+    resume_step = parallel.from_process_0(-1 if manager.latest_step() is None else manager.latest_step())
+    if resume_step >= 0:  # checked before any data is prepared (a target cache) or restored
+        _check_resumable(manager, resume_step, stage=stage, config=config, identity=identity)
     iterator = iter(
         make_train_loader(
             stage.prepare_source(stage.train_source, mesh=mesh, stage_dir=stage_dir) if stage.prepare_source
@@ -182,11 +188,10 @@ def run_stage(
         )
     )
     best_params, best = parallel.to_host(state.params), {"metric": -math.inf, "step": 0}
-    manager = checkpoint.make_manager(stage_dir / "checkpoints", keep=train.keep_checkpoints)
-    if manager.latest_step() is not None:
-        _check_resumable(manager, stage=stage, config=config)
-        restored = checkpoint.restore(manager, manager.latest_step(), state_like=state, data_iterator=iterator, mesh=mesh)
+    if resume_step >= 0:
+        restored = _restore(manager, resume_step, stage=stage, state=state, iterator=iterator, mesh=mesh)
         state, best_params, best = restored["state"], restored["best"], restored["meta"]
+        writer.forget_after(stage.role, int(state.step))  # the steps since the checkpoint are redone
         say(f"{stage.role}: resuming from step {int(state.step)} of {cfg.steps}")
 
     repl, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -254,6 +259,7 @@ def run_stage(
                     data_iterator=iterator,
                     meta=best,
                     config_json=config.to_json(),
+                    identity=identity,
                 )
             if stop_now:
                 say(f"{stage.role}: stopped at step {step}; run the same command again to resume")
@@ -270,10 +276,33 @@ def run_stage(
                stage_seconds=round(time.perf_counter() - started, 1))
     if writer.enabled:  # predictions first: result.json marks the stage finished
         save_test_predictions(stage_dir, labels=labels, probs=probs, splits=splits)
-        partial = result_file.with_suffix(".json.partial")  # a kill mid-write must not leave a "finished" stage
-        partial.write_text(json.dumps(row, indent=2))
-        partial.replace(result_file)
+        atomic.write_json(result_file, row)  # a kill mid-write must not leave a "finished" stage
     return best_params, row
+
+
+def _shared_file(path: pathlib.Path) -> pathlib.Path:
+    """``path``, which process 0 has seen: a clear error where this process cannot (no shared filesystem)."""
+    if not path.exists():
+        raise FileNotFoundError(f"process {jax.process_index()} cannot see {path}, which process 0 sees: the "
+                                "workdir must be on a filesystem that every process shares")
+    return path
+
+
+def stage_identity(stage: Stage) -> dict:
+    """What a stage's result depends on beyond its config, saved in each checkpoint and compared on resume:
+    the training records (``repr`` of the source names them by content) and the frozen teacher."""
+    return {"data": repr(stage.train_source), "teacher": stage.teacher_fingerprint}
+
+
+def _restore(manager, step: int, *, stage: Stage, state, iterator, mesh) -> dict:
+    try:
+        return checkpoint.restore(manager, step, state_like=state, data_iterator=iterator, mesh=mesh)
+    except ValueError as err:  # grain's own check of the loader (sampler, source, workers), for older checkpoints
+        if "does not match" not in str(err):
+            raise
+        raise ValueError(f"{stage.role}: cannot resume from {manager.directory} (step {step}): "
+                         f"{str(err).splitlines()[0]} Rerun with the data and settings of that run, or use a new "
+                         "--workdir.") from err
 
 
 def save_test_predictions(stage_dir: pathlib.Path, *, labels: np.ndarray, probs: np.ndarray,
@@ -296,17 +325,18 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_resumable(manager, *, stage: Stage, config: ml_collections.ConfigDict) -> None:
-    """Refuse to resume a stage whose checkpoint was made with other settings.
+def _check_resumable(manager, step: int, *, stage: Stage, config: ml_collections.ConfigDict, identity: dict) -> None:
+    """Refuse to resume a stage whose checkpoint was made with other settings, data or teacher.
 
     Mixing two configs in one training run (another learning rate, batch size,
-    model, resolution or worker count) would give a model that neither config
-    describes; name the fields instead, so the user reruns with the old values
-    or starts a new workdir.
+    model, resolution, worker count or selection metric), two datasets or two
+    teachers would give a model that neither run describes; name what changed
+    instead, so the user reruns with the old values or starts a new workdir.
     """
-    saved = _flat(checkpoint.load_config(manager, manager.latest_step()))
+    _check_same_identity(checkpoint.load_identity(manager, step), identity, stage=stage, where=manager.directory)
+    saved = _flat(checkpoint.load_config(manager, step))
     current = _flat(json.loads(config.to_json()))
-    relevant = ("seed", "model.", "data.", f"{stage.section}.")
+    relevant = ("seed", "model.", "data.", f"{stage.section}.", "train.select_metric")
     # Fields that only one side has were added or removed by an upgrade of this package: not compared.
     differ = sorted(
         k for k in set(saved) & set(current)
@@ -318,6 +348,19 @@ def _check_resumable(manager, *, stage: Stage, config: ml_collections.ConfigDict
             f"{stage.role}: the checkpoint in {manager.directory} was made with other settings ({shown}). "
             "Rerun with the old values to resume, or use a new --workdir."
         )
+
+
+def _check_same_identity(saved: dict | None, current: dict, *, stage: Stage, where) -> None:
+    if saved is None:  # a checkpoint from before identities were saved: grain still checks the data
+        return
+    what = {"data": "the training data changed (other records, labels or order)",
+            "teacher": "the teacher changed (its parameters differ; teacher.checkpoint or the workdir's teacher)"}
+    for key, meaning in what.items():
+        if saved.get(key) != current.get(key):
+            raise ValueError(
+                f"{stage.role}: cannot resume from {where}: {meaning} since that checkpoint was saved "
+                f"({saved.get(key)} -> {current.get(key)}). Rerun with the same {key} to resume exactly, or use a "
+                "new --workdir.")
 
 
 def result_row(stage: Stage, *, labels: np.ndarray, probs: np.ndarray) -> dict:
@@ -361,13 +404,15 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
         d = config.distill
         loss = steps.DistillLoss(**d.loss.to_dict())
         teacher = model.clone(dtype=compute_dtype(d.teacher_dtype)) if d.get("teacher_dtype") else model
-        cache = None
+        signature, cache = teacher_targets.fingerprint(teacher_params), None
         if d.get("target_cache"):
-            cache = functools.partial(_cache_targets, teacher_params=teacher_params, teacher=teacher, config=config)
+            cache = functools.partial(_cache_targets, teacher_params=teacher_params, teacher=teacher, config=config,
+                                      signature=signature)
         return Stage(
             role="student_kd", section="distill", cfg=d, model=model, image_key="student_image", input_px=spec.student_px,
             downsample=spec.downsample, train_source=splits.pool,
-            seed=config.seed + 1, teacher_params=teacher_params, views_per_crop=d.get("views_per_crop", 1),
+            seed=config.seed + 1, teacher_params=teacher_params, teacher_fingerprint=signature,
+            views_per_crop=d.get("views_per_crop", 1),
             prepare_source=cache,
             make_step=lambda tx: functools.partial(steps.distill_step, student=model, teacher=teacher, tx=tx, loss=loss,
                                                    views_per_crop=d.get("views_per_crop", 1)),
@@ -390,13 +435,15 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
     )
 
 
-def _cache_targets(source, *, teacher_params, teacher, config, mesh,
+def _cache_targets(source, *, teacher_params, teacher, config, signature: str, mesh,
                    stage_dir: pathlib.Path) -> teacher_targets.CachedTargetSource:
     """``distill.target_cache``: one teacher pass over the pool before the student's first step, saved in
-    ``stage_dir/teacher_targets`` and reused when the stage resumes with the same teacher."""
+    ``stage_dir/teacher_targets`` and reused when the stage resumes with the same teacher, teacher precision,
+    teacher input size and records (``teacher_targets.cache_key``)."""
     folder = stage_dir / "teacher_targets"
-    signature = teacher_targets.fingerprint(teacher_params)
-    if teacher_targets.saved_targets_match(folder, records=len(source), teacher=signature):
+    key = teacher_targets.cache_key(source, teacher=signature, teacher_px=config.data.teacher_px,
+                                    teacher_dtype=config.distill.get("teacher_dtype") or config.model.compute_dtype)
+    if parallel.from_process_0(teacher_targets.saved_targets_match(folder, key=key)):  # decided once
         say(f"teacher targets: reusing {folder}")
         return teacher_targets.CachedTargetSource(source, folder=folder)
     started = time.perf_counter()
@@ -404,7 +451,7 @@ def _cache_targets(source, *, teacher_params, teacher, config, mesh,
         teacher_params, source, teacher=teacher, spec=view_spec(config.data, train=False),
         mesh=mesh, batch_size=config.train.eval_batch_size, show_progress=config.train.progress)
     if jax.process_index() == 0:
-        teacher_targets.save_targets(folder, logits=logits, maps=maps, teacher=signature)
+        teacher_targets.save_targets(folder, logits=logits, maps=maps, key=key)
     parallel.any_process(False)  # a barrier: the files are complete before any process maps them
     say(f"teacher targets cached for {len(source)} pool crops in {time.perf_counter() - started:.1f} s "
         f"({maps.nbytes / 2**20:.0f} MiB of feature maps in {folder})")
@@ -436,7 +483,8 @@ def train_and_evaluate(
     after a step with a checkpoint saved; the function then returns None.
     """
     workdir = pathlib.Path(workdir).absolute()
-    check_config(config, device_count=jax.device_count(), workdir=workdir)  # before any data, model or compile
+    # before any data, model or compile; process 0's verdict (it reads the teacher's folder) reaches every process
+    parallel.process_0_first(lambda: check_config(config, device_count=jax.device_count(), workdir=workdir))
     workdir.mkdir(parents=True, exist_ok=True)
     splits = parallel.process_0_first(lambda: load_splits(config.data, workdir=workdir, config_name=config_name))
     train_spec = view_spec(config.data, train=True)
@@ -445,8 +493,8 @@ def train_and_evaluate(
     mesh = parallel.make_mesh()
     writer = MetricWriter(workdir)
     if writer.enabled:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        (workdir / "run.json").write_text(json.dumps(_run_metadata(splits, mesh, teacher_px, student_px), indent=2))
+        atomic.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+        atomic.write_json(workdir / "run.json", _run_metadata(splits, mesh, teacher_px, student_px))
 
     rows, teacher_params = [], None
     try:
@@ -479,7 +527,7 @@ def train_and_evaluate(
     finally:
         writer.close()
     if writer.enabled:
-        (workdir / "results.json").write_text(json.dumps(rows, indent=2))
+        atomic.write_json(workdir / "results.json", rows)
     print(format_table(rows), flush=True)
     if writer.enabled and config.train.final_report:
         if jax.process_count() > 1:  # the report measures speed and runs inference on this host's devices alone

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import pathlib
 import pickle
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from histokd_jax import losses, models, parallel, steps, teacher_targets, trainer
+from histokd_jax.data import sources
 from histokd_jax.data.views import ViewSpec, area_downsample, make_views
 from histokd_jax.symmetry import DIHEDRAL, dihedral
 from histokd_jax.state import create_train_state
@@ -222,20 +224,44 @@ def test_cached_targets_live_in_files_that_workers_map_instead_of_receiving(tmp_
     rng = np.random.default_rng(6)
     records = [{"image": np.zeros((4, 4, 3), np.uint8), "label": -1, "has_label": False} for _ in range(50)]
     logits, maps = rng.normal(size=(50, 3)).astype(np.float32), rng.normal(size=(50, 8, 8, 64)).astype(np.float32)
-    signature = teacher_targets.fingerprint({"w": jnp.ones(3)})
-    teacher_targets.save_targets(tmp_path / "t", logits=logits, maps=maps, teacher=signature)
+    key = {"records": 50, "teacher": teacher_targets.fingerprint({"w": jnp.ones(3)})}
+    teacher_targets.save_targets(tmp_path / "t", logits=logits, maps=maps, key=key)
     source = teacher_targets.CachedTargetSource(records, folder=tmp_path / "t")
     np.testing.assert_array_equal(source[7]["teacher_map"], maps[7])
     sent = pickle.dumps(source)  # what grain ships to each worker process
     assert len(sent) < maps.nbytes / 50  # the folder's name and the records, not the 820 KB of maps
     again = pickle.loads(sent)
     np.testing.assert_array_equal(again[49]["teacher_logits"], logits[49])
-    assert teacher_targets.saved_targets_match(tmp_path / "t", records=50, teacher=signature)
-    assert not teacher_targets.saved_targets_match(tmp_path / "t", records=51, teacher=signature)
-    other = teacher_targets.fingerprint({"w": jnp.full(3, 2.0)})
-    assert not teacher_targets.saved_targets_match(tmp_path / "t", records=50, teacher=other)
     with pytest.raises(ValueError, match="50 cached targets .* for a source of 49 records"):
         teacher_targets.CachedTargetSource(records[:49], folder=tmp_path / "t")
+
+
+def _tile_source(folder: pathlib.Path, names: list[str]) -> sources.TileSource:
+    return sources.TileSource([sources.TileRecord(str(folder / n), sources.UNLABELED) for n in names])
+
+
+def test_the_cache_is_keyed_by_teacher_precision_input_size_and_the_records_themselves(tmp_path, caplog):
+    pool = _tile_source(tmp_path / "pool", [f"{i}.png" for i in range(4)])
+    same_size_other_tiles = _tile_source(tmp_path / "pool", [f"{i}.png" for i in range(1, 5)])
+    teacher = teacher_targets.fingerprint({"w": jnp.ones(3)})
+    key = lambda source, **kw: teacher_targets.cache_key(  # noqa: E731
+        source, **{"teacher": teacher, "teacher_dtype": "float32", "teacher_px": 64, **kw})
+    folder = tmp_path / "t"
+    teacher_targets.save_targets(folder, logits=np.zeros((4, 3), np.float32), maps=np.zeros((4, 2, 2, 8), np.float32),
+                                 key=key(pool))
+    assert teacher_targets.saved_targets_match(folder, key=key(pool))
+    # the same pool moved to another folder is the same records
+    assert teacher_targets.saved_targets_match(folder, key=key(_tile_source(tmp_path / "moved", [f"{i}.png" for i in range(4)])))
+    assert not teacher_targets.saved_targets_match(folder, key=key(same_size_other_tiles))
+    assert not teacher_targets.saved_targets_match(folder, key=key(pool, teacher_dtype="bfloat16"))
+    assert not teacher_targets.saved_targets_match(folder, key=key(pool, teacher_px=96))
+    other = teacher_targets.fingerprint({"w": jnp.asarray([1.0, 1.0, 1.0 + 2**-20])})  # same sums to ~1e-6
+    assert not teacher_targets.saved_targets_match(folder, key=key(pool, teacher=other))
+    assert "made for another source;" in caplog.text and "made for another teacher_dtype;" in caplog.text
+    meta = folder / "meta.json"
+    meta.write_text(meta.read_text()[:20])  # a meta.json cut short (written by an older version non-atomically)
+    assert not teacher_targets.saved_targets_match(folder, key=key(pool))
+    assert "unreadable meta.json" in caplog.text
 
 
 @pytest.mark.slow

@@ -78,19 +78,59 @@ def test_grain_reads_the_built_dataset(built):
     assert batch["image"].shape == (5, 32, 32, 3) and batch["label"].dtype == np.int32
 
 
+def _tfds_data(data_dir, **overrides) -> ml_collections.ConfigDict:
+    from configs import common
+
+    data = common.get_config().data
+    data.update({**dict(kind="tfds", tfds_name="toy_tiles", tfds_data_dir=str(data_dir), class_names=(),
+                        train_split="train", val_split="val", test_split="test"), **overrides})
+    return data
+
+
 def test_load_tfds_splits_from_a_config(built):
     _, data_dir, _ = built
     from histokd_jax.data.splits import DataSplits
 
-    data = ml_collections.ConfigDict(dict(
-        tfds_name="toy_tiles", tfds_data_dir=str(data_dir), class_names=(),
-        train_split="train", val_split="val", test_split="test"))
+    data = _tfds_data(data_dir)
     splits = tfds_sources.load_tfds_splits(data)
     assert isinstance(splits, DataSplits) and splits.class_names == CLASSES
     assert splits.counts == {"train": 10, "unlabeled": 0, "val": 7, "test": 6}
     data.class_names = ("a", "b")
-    with pytest.raises(ValueError, match="3 classes"):
+    with pytest.raises(ValueError, match="do not match the labels of toy_tiles"):
         tfds_sources.load_tfds_splits(data)
+
+
+def test_class_names_are_checked_by_name_and_order(built):
+    _, data_dir, _ = built
+    assert tfds_sources.load_tfds_splits(_tfds_data(data_dir, class_names=CLASSES)).class_names == CLASSES
+    swapped = (CLASSES[1], CLASSES[0], CLASSES[2])  # the right names, the wrong order: labels 0 and 1 swapped
+    with pytest.raises(ValueError, match=r"label i is the i-th name.*class_names=.*adipose.*lympho.*tumor"):
+        tfds_sources.load_tfds_splits(_tfds_data(data_dir, class_names=swapped))
+    # datasets whose labels are only numbers (e.g. patch_camelyon's "0", "1") take any names of that count
+    assert tfds_sources.check_class_names(("normal", "tumor"), ("0", "1"), dataset="x") == ("normal", "tumor")
+    with pytest.raises(ValueError):
+        tfds_sources.check_class_names(("normal",), ("0", "1"), dataset="x")
+
+
+def test_the_pool_honours_unlabeled_split_use_unlabeled_and_fraction(built):
+    _, data_dir, _ = built
+    labelled = tfds_sources.tfds_split("toy_tiles", split="train[:60%]", data_dir=data_dir)
+    rest = tfds_sources.tfds_split("toy_tiles", split="train[60%:]", data_dir=data_dir)
+    assert (len(labelled), len(rest)) == (6, 4)
+    pool_of = lambda **kw: tfds_sources.load_tfds_splits(_tfds_data(  # noqa: E731
+        data_dir, train_split="train[:60%]", unlabeled_split="train[60%:]", **kw)).pool
+    pool = pool_of()
+    assert len(pool) == 10
+    got = [pool[i] for i in range(len(pool))]
+    assert [bool(e["has_label"]) for e in got] == [True] * 6 + [False] * 4  # the pool's labels are never read
+    np.testing.assert_array_equal(got[7]["image"], rest[1]["image"])
+    np.testing.assert_array_equal(pool.labels(), [*labelled.labels(), -1, -1, -1, -1])
+    half = pool_of(unlabeled_fraction=0.5)
+    assert len(half) == 6 + 2 and not half[7]["has_label"]
+    assert len(pool_of(use_unlabeled=False)) == 6
+    with pytest.raises(ValueError, match="no unlabelled pool"):  # 25% of nothing is not a pool-size experiment
+        pool_of(use_unlabeled=False, unlabeled_fraction=0.25)
+    assert repr(half) != repr(pool) and repr(pool_of()) == repr(pool)  # named by content, for resuming
 
 
 @pytest.mark.parametrize("name", ["colorectal_histology", "no_such_dataset_xyz"])

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from histokd_jax.data import slides
 from histokd_jax.data.manifest import SlideEntry
-from histokd_jax.data.sources import UNLABELED
+from histokd_jax.data.sources import UNLABELED, digest, relative_paths
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,11 @@ class SlideTileSource:
 
     def labels(self) -> np.ndarray:
         return self.tile_labels
+
+    def __repr__(self) -> str:  # by content (see data/sources.py): grain compares it when a loader resumes
+        settings = np.asarray([self.teacher_mpp, self.tile_px, self.student_mpp or 0.0], np.float64)
+        records = digest(relative_paths(self.paths), self.mpps, self.slide_of, self.coords, self.tile_labels, settings)
+        return f"SlideTileSource({len(self.paths)} slides, {len(self)} tiles, {records})"
 
     def close(self) -> None:
         for handle in self._handles.values():

@@ -4,11 +4,18 @@ Layout: ``root/<split>/<class>/*.png`` for labelled splits and, optionally,
 ``root/unlabeled/**/*.png`` for the unlabelled pool used by distillation only.
 A source is just an indexable list of records; pixels are decoded on access, in
 the loader's worker processes.
+
+Every source names itself by content (``repr``: the kind, the record count and a
+digest of the records), never by memory address: grain stores ``repr(source)`` in
+each checkpoint of a loader and refuses to resume on another one, and the trainer
+compares it first to say, in one line, that the data changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import pathlib
 from collections.abc import Sequence
 
@@ -23,6 +30,26 @@ UNLABELED = -1
 class TileRecord:
     path: str
     label: int  # UNLABELED (-1) for the unlabelled pool
+
+
+def digest(*parts) -> str:
+    """A short, stable hash of arrays, numbers and strings (in this order): the identity of a set of records."""
+    h = hashlib.sha256()
+    for part in parts:
+        array = np.asarray(part)
+        if array.dtype == object:
+            raise TypeError(f"digest takes arrays of numbers or strings, got {type(part).__name__} of objects")
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()[:16]
+
+
+def relative_paths(paths: Sequence[str]) -> list[str]:
+    """Paths relative to the folder that holds them all: a dataset moved elsewhere keeps its identity."""
+    if not paths:
+        return []
+    base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return [os.path.relpath(os.path.abspath(p), base) for p in paths]
 
 
 def _images_under(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -103,7 +130,8 @@ class TileSource:
         return np.asarray([r.label for r in self.records], np.int32)
 
     def __repr__(self) -> str:
-        return f"TileSource({len(self)} records)"
+        files = relative_paths([r.path for r in self.records])
+        return f"TileSource({len(self)} records, {digest(files, self.labels())})"
 
 
 class SubsetSource:
@@ -120,6 +148,9 @@ class SubsetSource:
 
     def labels(self) -> np.ndarray:
         return np.asarray(self.source.labels())[self.indices]
+
+    def __repr__(self) -> str:
+        return f"SubsetSource({self.source!r}, {len(self)} records, {digest(self.indices)})"
 
 
 class RelabelledSource:
@@ -141,6 +172,32 @@ class RelabelledSource:
     def labels(self) -> np.ndarray:
         return self._labels
 
+    def __repr__(self) -> str:
+        return f"RelabelledSource({self.source!r}, labels {digest(self._labels)})"
+
+
+class ConcatSource:
+    """Several sources one after another (a labelled split followed by an unlabelled pool)."""
+
+    def __init__(self, parts: Sequence):
+        self.parts = list(parts)
+        self._ends = np.cumsum([len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, index: int) -> dict:
+        part = int(np.searchsorted(self._ends, index, side="right"))
+        start = int(self._ends[part - 1]) if part else 0
+        return self.parts[part][index - start]
+
+    def labels(self) -> np.ndarray:
+        return np.concatenate([np.asarray(p.labels(), np.int32) for p in self.parts]) if self.parts else (
+            np.zeros(0, np.int32))
+
+    def __repr__(self) -> str:
+        return f"ConcatSource({', '.join(map(repr, self.parts))})"
+
 
 def pool_subset(pool, *, n_labelled: int, fraction: float, seed: int):
     """The pool with only ``fraction`` of its unlabelled records (which follow the ``n_labelled``
@@ -150,6 +207,9 @@ def pool_subset(pool, *, n_labelled: int, fraction: float, seed: int):
     if fraction == 1.0:
         return pool
     n_unlabeled = len(pool) - n_labelled
+    if n_unlabeled == 0:  # a pool-size sweep cell would report a fraction of nothing as if it were data
+        raise ValueError(f"data.unlabeled_fraction={fraction} but this data has no unlabelled pool (data.use_unlabeled "
+                         "is off, or no unlabelled records were found); set data.unlabeled_fraction=1.0")
     order = np.random.default_rng(seed).permutation(n_unlabeled)
     keep = np.sort(order[: int(round(fraction * n_unlabeled))]) + n_labelled
     return SubsetSource(pool, np.concatenate([np.arange(n_labelled), keep]))

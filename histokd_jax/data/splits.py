@@ -113,7 +113,7 @@ def load_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, confi
         unlabeled = sources.scan_unlabeled(root, folder=data.unlabeled_folder)
     train, val, test = scan(data.train_split), scan(data.val_split), scan(data.test_split)
     full_pool = sources.TileSource(train.records + unlabeled)
-    pool, pool_truth = _pools(data, full_pool, n_labelled=len(train),
+    pool, pool_truth = distillation_pools(data, full_pool, n_labelled=len(train),
                               truth=_synthetic_tile_truth(root, train, unlabeled, names) if data.kind == "synthetic" else None)
     return DataSplits(
         class_names=names,
@@ -176,7 +176,7 @@ def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     train, val, test = (make(labelled[split]) for split in SPLITS)
     full_pool = make(labelled["train"] + unlabeled)
     truth = _synthetic_slide_truth(path.parent, full_pool, names) if data.kind == "synthetic_slides" else None
-    pool, pool_truth = _pools(data, full_pool, n_labelled=len(train), truth=truth)
+    pool, pool_truth = distillation_pools(data, full_pool, n_labelled=len(train), truth=truth)
     return DataSplits(
         class_names=names, train=train, pool=pool, pool_truth=pool_truth, val=val, test=test, root=path.parent,
         counts={"train": len(train), "unlabeled": len(pool) - len(train), "val": len(val), "test": len(test),
@@ -184,7 +184,7 @@ def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     )
 
 
-def _pools(data: ml_collections.ConfigDict, full_pool, *, n_labelled: int, truth) -> tuple[Any, Any]:
+def distillation_pools(data: ml_collections.ConfigDict, full_pool, *, n_labelled: int, truth) -> tuple[Any, Any]:
     """(distillation pool, the same pool with true labels or None), keeping ``data.unlabeled_fraction``
     of the unlabelled records (a seeded choice, nested as the fraction grows)."""
     keep = lambda source: sources.pool_subset(source, n_labelled=n_labelled,  # noqa: E731

@@ -47,8 +47,9 @@ def _to_rgb(image) -> np.ndarray:
 class TfdsSource:
     """A random-access sequence of dicts (e.g. a ``tfds.data_source`` split) as our source contract."""
 
-    def __init__(self, data_source, *, image_key: str = "image", label_key: str = "label", labels=None):
-        self.data_source = data_source
+    def __init__(self, data_source, *, image_key: str = "image", label_key: str = "label", labels=None,
+                 identity: str = ""):
+        self.data_source, self.identity = data_source, identity  # identity: dataset, version, split, size
         self.image_key, self.label_key = image_key, label_key
         self._labels = None if labels is None else labels  # array, or a callable giving it (read lazily)
 
@@ -68,7 +69,9 @@ class TfdsSource:
         return np.asarray(self._labels, np.int32)
 
     def __repr__(self) -> str:
-        return f"TfdsSource({len(self)} records)"
+        if self.identity:  # a prepared TFDS split: named by dataset, version, split and bytes
+            return f"TfdsSource({self.identity}, {len(self)} records)"
+        return f"TfdsSource({len(self)} records, {sources.digest(self.labels())})"
 
 
 def prepared_builder(name: str, *, data_dir: str | os.PathLike | None = None):
@@ -103,7 +106,15 @@ def tfds_split(name: str, *, split: str, data_dir: str | os.PathLike | None = No
         raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (it has {list(builder.info.splits)}): "
                          f"{err}") from err
     read = functools.partial(_read_labels, name, split, data_dir, image_key, label_key)  # picklable, for workers
-    return TfdsSource(data, image_key=image_key, label_key=label_key, labels=read)
+    return TfdsSource(data, image_key=image_key, label_key=label_key, labels=read,
+                      identity=_split_identity(builder, split))
+
+
+def _split_identity(builder, split: str) -> str:
+    """``name/config:version`` and the split (slice included) with its stored size in bytes."""
+    base = split.split("[", 1)[0]
+    size = getattr(builder.info.splits.get(base), "num_bytes", None) if hasattr(builder.info.splits, "get") else None
+    return f"{builder.info.full_name} {split!r}" + (f" {size} bytes" if size else "")
 
 
 def _read_labels(name, split, data_dir, image_key, label_key) -> list[int]:
@@ -173,21 +184,36 @@ def build_array_record(source_or_folder, out_dir: str | os.PathLike, *, name: st
     return pathlib.Path(builder.data_dir)
 
 
+def check_class_names(wanted: Sequence[str], official: Sequence[str], *, dataset: str) -> tuple[str, ...]:
+    """The label order: ``data.class_names`` must be the dataset's own names in its order (label i means
+    ``official[i]``); datasets whose labels carry only numbers ("0", "1", ...) take any names, counted."""
+    official, wanted = tuple(official), tuple(wanted) or tuple(official)
+    numbered = official == tuple(str(i) for i in range(len(official)))
+    if len(wanted) != len(official) or (not numbered and wanted != official):
+        raise ValueError(f"data.class_names {list(wanted)} do not match the labels of {dataset}, {list(official)} "
+                         f"(label i is the i-th name); set --config.data.class_names=\"{tuple(official)}\"")
+    return wanted
+
+
 def load_tfds_splits(data, *, config_name: str = "this config"):
-    """DataSplits of a ``data.kind == "tfds"`` config (no unlabelled pool: distillation reads train)."""
-    from histokd_jax.data.splits import DataSplits
+    """DataSplits of a ``data.kind == "tfds"`` config; ``data.unlabeled_split`` (read without its labels) is
+    the unlabelled pool that distillation reads beside train, cut to ``data.unlabeled_fraction``."""
+    from histokd_jax.data.splits import DataSplits, distillation_pools
 
     if not data.tfds_name:
         raise ValueError(f"{config_name} needs data.tfds_name (a TFDS dataset prepared as array_record)")
     data_dir = data.tfds_data_dir or None
     builder = prepared_builder(data.tfds_name, data_dir=data_dir)
-    official = tuple(builder.info.features["label"].names)
-    names = tuple(data.class_names) or official
-    if len(names) != len(official):
-        raise ValueError(f"data.class_names has {len(names)} names but {data.tfds_name} has {len(official)} "
-                         f"classes {list(official)}")
+    names = check_class_names(data.class_names, builder.info.features["label"].names, dataset=data.tfds_name)
     train, val, test = (tfds_split(data.tfds_name, split=s, data_dir=data_dir)
                         for s in (data.train_split, data.val_split, data.test_split))
-    return DataSplits(class_names=names, train=train, pool=train, val=val, test=test,
+    pool = train
+    if data.use_unlabeled and data.get("unlabeled_split"):
+        unlabeled = tfds_split(data.tfds_name, split=data.unlabeled_split, data_dir=data_dir)
+        hidden = sources.RelabelledSource(unlabeled, np.full(len(unlabeled), sources.UNLABELED, np.int32))
+        pool = sources.ConcatSource([train, hidden])
+    pool, _ = distillation_pools(data, pool, n_labelled=len(train), truth=None)
+    return DataSplits(class_names=names, train=train, pool=pool, val=val, test=test,
                       root=pathlib.Path(builder.data_dir),
-                      counts={"train": len(train), "unlabeled": 0, "val": len(val), "test": len(test)})
+                      counts={"train": len(train), "unlabeled": len(pool) - len(train), "val": len(val),
+                              "test": len(test)})
