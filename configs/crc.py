@@ -26,7 +26,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = common.get_config(arg)
     c.data.kind = "tfds"
     c.data.tfds_name = "colorectal_histology"
-    c.data.tfds_data_dir = ""  # empty: $TFDS_DATA_DIR, else ~/tensorflow_datasets
     # The TFDS label order (ClassLabel names of colorectal_histology).
     c.data.class_names = ("tumor", "stroma", "complex", "lympho", "debris", "mucosa", "adipose", "empty")
     c.data.train_split = "train[:70%]"

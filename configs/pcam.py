@@ -23,7 +23,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = common.get_config(arg)
     c.data.kind = "tfds"
     c.data.tfds_name = "patch_camelyon"
-    c.data.tfds_data_dir = ""  # empty: $TFDS_DATA_DIR, else ~/tensorflow_datasets
     c.data.class_names = ("normal", "tumor")  # TFDS labels 0 and 1
     c.data.train_split = "train"  # 262,144 tiles
     c.data.val_split = "validation"  # 32,768

@@ -24,10 +24,6 @@ from histokd_jax.units import MPP_AT_1X
 STAGE_NAMES = ("teacher", "distill", "baseline", "control")
 SELECT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
-# Keys that configs/common.py does not define because only one data kind reads them; a config of that
-# kind adds them (configs/crc.py, configs/pcam.py: data.kind="tfds").
-OPTIONAL_KEYS = ("data.tfds_name", "data.tfds_data_dir")
-
 # What a teacher's parameters and their meaning depend on: a teacher loads only into the same values.
 # (num_groups, padding and norm_epsilon leave every parameter shape unchanged: only this comparison catches them.)
 TEACHER_MODEL_KEYS = ("widths", "blocks_per_stage", "num_groups", "padding", "norm_epsilon")
@@ -105,7 +101,7 @@ def check_known_keys(config: ml_collections.ConfigDict, *, reference: ml_collect
     if reference is None:
         logging.getLogger(__name__).warning("configs/common.py is not importable: config keys are not checked")
         return
-    known = set(flat_keys(reference)) | set(OPTIONAL_KEYS)
+    known = set(flat_keys(reference))
     unknown = [k for k in flat_keys(config) if k not in known]
     unknown = [k for k in unknown if k.rpartition(".")[0] not in unknown]  # an unknown section once, not its keys
     if unknown:

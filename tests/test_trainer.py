@@ -134,6 +134,47 @@ def test_resume_with_other_settings_is_refused(tmp_path, data_root):
         trainer.train_and_evaluate(config, tmp_path)
 
 
+def test_resume_with_another_selection_metric_is_refused(tmp_path, data_root):
+    config = tiny_config(data_root)
+    config.stages = ("teacher",)
+    assert trainer.train_and_evaluate(config, tmp_path, should_stop=lambda role, step: step == 2) is None
+    config.train.select_metric = "accuracy"
+    with pytest.raises(ValueError, match=r"train.select_metric: 'balanced_accuracy' -> 'accuracy'"):
+        trainer.train_and_evaluate(config, tmp_path)
+
+
+def test_resume_on_a_changed_dataset_of_the_same_size_is_refused_and_loses_nothing(tmp_path):
+    import shutil
+
+    root = tmp_path / "tiles"
+    config = tiny_config(str(root))
+    config.stages = ("teacher",)
+    assert trainer.train_and_evaluate(config, tmp_path / "run", should_stop=lambda role, step: step == 4) is None
+    # one training tile relabelled (moved to another class folder): as many records, not the same ones
+    tile = sorted((root / "train" / "solid").glob("*.png"))[0]
+    moved = root / "train" / "speckled" / f"moved-{tile.name}"
+    tile.rename(moved)
+    with pytest.raises(ValueError, match=r"teacher: cannot resume .* the training data changed"):
+        trainer.train_and_evaluate(config, tmp_path / "run")
+    moved.rename(tile)  # the data restored: the checkpoint was kept, the run resumes and finishes
+    assert trainer.train_and_evaluate(config, tmp_path / "run") is not None
+    assert (tmp_path / "run" / "teacher" / "result.json").exists()
+
+
+def test_resume_with_another_teacher_is_refused(tmp_path, data_root):
+    config = tiny_config(data_root)
+    config.stages = ("teacher",)
+    for name, seed in (("a", 0), ("b", 1)):  # two teachers of the same architecture and classes
+        config.seed = seed
+        assert trainer.train_and_evaluate(config, tmp_path / name) is not None
+    config.seed, config.stages = 0, ("distill",)
+    config.teacher.checkpoint = str(tmp_path / "a" / "teacher")
+    assert trainer.train_and_evaluate(config, tmp_path / "s", should_stop=lambda role, step: step == 2) is None
+    config.teacher.checkpoint = str(tmp_path / "b" / "teacher")  # the path may change; the teacher may not
+    with pytest.raises(ValueError, match=r"student_kd: cannot resume .* the teacher changed"):
+        trainer.train_and_evaluate(config, tmp_path / "s")
+
+
 def test_unlabeled_pool_overlapping_an_evaluation_split_is_refused(tmp_path, data_root):
     config = tiny_config(data_root)
     config.data.unlabeled_folder = "."
