@@ -5,18 +5,21 @@ Reads come from the coarsest pyramid level that is at or finer than the model's
 ``strip_tiles`` tiles at a time, so memory stays bounded however large the slide;
 a background thread reads the next strip while the device runs the current batch.
 
-Per slide, in ``out_dir``: ``<stem>.csv`` (tile rectangles in level-0 px and
-class probabilities), ``<stem>.geojson`` (QuPath-importable tiles with their
-probabilities as measurements), ``<stem>.heatmap.png`` (top class over a
-thumbnail) and ``<stem>.json`` (the summary; written last, so its presence marks
-a slide as done).
+Per slide, in ``out_dir``: ``<name>.csv`` (tile rectangles in level-0 px and
+class probabilities), ``<name>.geojson`` (QuPath-importable tiles with their
+probabilities as measurements), ``<name>.heatmap.png`` (top class over a
+thumbnail) and ``<name>.json`` (the summary; written last, so its presence marks
+a slide as done). Each is written atomically (complete or absent). ``<name>`` is
+the slide's stem, or ``<stem>-<hash>`` where stems clash (see ``output_names``).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -30,7 +33,7 @@ import openslide
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from histokd_jax import checkpoint, parallel, report
+from histokd_jax import atomic, checkpoint, parallel, report
 from histokd_jax.data import slides
 from histokd_jax.data.splits import resolve_downsample
 from histokd_jax.state import abstract_params
@@ -161,9 +164,11 @@ def _prefetched(items: Sequence, fn: Callable, depth: int = 2) -> Iterator:
 def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: str | pathlib.Path,
                   mpp: float | None = None, min_tissue: float = 0.5, thumb_mpp: float = 8.0,
                   heatmap_mpp: float | None = None, strip_tiles: int = 32, label: str | None = None,
-                  show_progress: bool = True) -> dict:
-    """Run ``predictor`` over the tissue of one slide and write its four outputs; returns the summary."""
+                  name: str | None = None, show_progress: bool = True) -> dict:
+    """Run ``predictor`` over the tissue of one slide and write its four outputs, ``out_dir/<name>.*``
+    (default name: the slide's stem); returns the summary."""
     path = pathlib.Path(path)
+    name = name or path.stem
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -197,15 +202,15 @@ def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: st
         # default: about 1024 px across the slide's longer side, never finer than level 0
         heat_mpp = heatmap_mpp or max(resolution.mpp, max(slide.dimensions) * resolution.mpp / 1024)
         thumb, heat_mpp = slides.read_thumbnail(slide, base_mpp=resolution.mpp, target_mpp=heat_mpp)
-    stem = out_dir / path.stem
-    write_tile_csv(stem.with_suffix(".csv"), coords=coords, side=side, probs=probs, class_names=predictor.class_names)
-    write_geojson(stem.with_suffix(".geojson"), coords=coords, side=side, probs=probs,
+    write_tile_csv(out_dir / f"{name}.csv", coords=coords, side=side, probs=probs, class_names=predictor.class_names)
+    write_geojson(out_dir / f"{name}.geojson", coords=coords, side=side, probs=probs,
                   class_names=predictor.class_names)
-    write_heatmap(stem.with_suffix(".heatmap.png"), thumb=thumb, thumb_mpp=heat_mpp, base_mpp=resolution.mpp,
+    write_heatmap(out_dir / f"{name}.heatmap.png", thumb=thumb, thumb_mpp=heat_mpp, base_mpp=resolution.mpp,
                   coords=coords, side=side, probs=probs, class_names=predictor.class_names)
     mean = probs.mean(0)
     summary = {
-        "slide": str(path), "model": predictor.role, "checkpoint": predictor.source,
+        "slide": str(path), "slide_resolved": _slide_key(path), "name": name,
+        "model": predictor.role, "checkpoint": predictor.source,
         "predicted": predictor.class_names[int(mean.argmax())],
         "probs": {c: round(float(p), 5) for c, p in zip(predictor.class_names, mean)}, "aggregation": "mean",
         **({"label": label} if label else {}),
@@ -215,9 +220,7 @@ def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: st
         "tiles": int(len(coords)), "seconds": round(seconds, 3), "tiles_per_s": round(len(coords) / seconds, 1),
         "heatmap_mpp": heat_mpp,
     }
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(stem.with_suffix(".json"))
+    atomic.write_json(out_dir / f"{name}.json", summary, indent=1)  # last: its presence marks the slide done
     return summary
 
 
@@ -229,7 +232,7 @@ def _rectangles(coords: np.ndarray, side: float) -> np.ndarray:
 
 def write_tile_csv(path: pathlib.Path, *, coords: np.ndarray, side: float, probs: np.ndarray,
                    class_names: Sequence[str]) -> None:
-    with open(path, "w", newline="") as handle:
+    with atomic.atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["minx", "miny", "width", "height", *(f"prob_{c}" for c in class_names)])
         for rect, p in zip(_rectangles(coords, side), probs):
@@ -252,7 +255,7 @@ def write_geojson(path: pathlib.Path, *, coords: np.ndarray, side: float, probs:
                 "measurements": {f"prob_{c}": round(float(v), 5) for c, v in zip(class_names, p)},
             },
         })
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    atomic.write_json(path, {"type": "FeatureCollection", "features": features}, indent=None)
 
 
 def write_heatmap(path: pathlib.Path, *, thumb: np.ndarray, thumb_mpp: float, base_mpp: float, coords: np.ndarray,
@@ -280,37 +283,88 @@ def write_heatmap(path: pathlib.Path, *, thumb: np.ndarray, thumb_mpp: float, ba
         draw.rectangle((4, y, 16, y + 12), fill=PALETTE[c % len(PALETTE)])
         draw.text((22, y), name, fill="black")
     draw.text((4, h + 4 + 16 * k), f"{thumb_mpp:.3g} µm/px; top class per tile".replace("µ", "u"), fill="black")
-    canvas.save(path, format="PNG")
+    with atomic.atomic_open(path, "wb") as handle:
+        canvas.save(handle, format="PNG")
 
 
-def outputs_complete(path: str | pathlib.Path, out_dir: str | pathlib.Path) -> bool:
-    stem = pathlib.Path(out_dir) / pathlib.Path(path).stem
-    return all(stem.with_suffix(s).exists() for s in (".json", ".csv", ".geojson", ".heatmap.png"))
+OUTPUT_SUFFIXES = (".json", ".csv", ".geojson", ".heatmap.png")
+
+
+def outputs_complete(name: str, out_dir: str | pathlib.Path) -> bool:
+    """All four outputs ``out_dir/<name>.*`` exist (each is written atomically, so existing means complete)."""
+    return all((pathlib.Path(out_dir) / f"{name}{s}").exists() for s in OUTPUT_SUFFIXES)
+
+
+def _slide_key(path: str | pathlib.Path) -> str:
+    """What identifies a slide across runs: its resolved absolute path."""
+    return str(pathlib.Path(path).expanduser().resolve())
+
+
+def hashed_name(path: str | pathlib.Path) -> str:
+    """``<stem>-<8 hex digits of the SHA-256 of the resolved path>``: the name of a slide whose stem clashes."""
+    return f"{pathlib.Path(path).stem}-{hashlib.sha256(_slide_key(path).encode()).hexdigest()[:8]}"
+
+
+def _summary_owner(summary_file: pathlib.Path) -> str | None:
+    """The resolved slide path a summary was written for; None where there is no readable summary."""
+    try:
+        summary = json.loads(summary_file.read_text())
+        return summary.get("slide_resolved") or _slide_key(summary["slide"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def output_names(paths: Sequence[str | pathlib.Path], *, out_dir: str | pathlib.Path) -> list[str]:
+    """The output name of each slide: its plain stem where that is unique in the run and not taken in
+    ``out_dir`` by another slide, else ``hashed_name`` (stem plus a hash of the resolved path).
+
+    Names already in ``out_dir`` for the same slide are kept (so a rerun, whatever else it lists, finds
+    the slide's outputs complete); stems compare case-insensitively (``X.svs`` and ``x.svs`` are one
+    file name on macOS and Windows disks).
+    """
+    out_dir = pathlib.Path(out_dir)
+    keys = [_slide_key(p) for p in paths]
+    slides_per_stem = collections.Counter(pathlib.Path(p).stem.casefold() for p in dict(zip(keys, paths)).values())
+    names = []
+    for path, key in zip(paths, keys):
+        plain, hashed = pathlib.Path(path).stem, hashed_name(path)
+        plain_owner = _summary_owner(out_dir / f"{plain}.json")
+        if _summary_owner(out_dir / f"{hashed}.json") == key:
+            names.append(hashed)
+        elif plain_owner == key:
+            names.append(plain)
+        elif slides_per_stem[plain.casefold()] > 1 or (out_dir / f"{plain}.json").exists():
+            names.append(hashed)
+        else:
+            names.append(plain)
+    return names
 
 
 def predict_slides(entries: Sequence[tuple[pathlib.Path, float | None, str | None]], *, predictor: Predictor,
                    out_dir: str | pathlib.Path, overwrite: bool = False, **kwargs: Any) -> tuple[list[dict], list]:
     """Every slide of ``entries`` ((path, mpp override or None, label or None)); (summaries, skipped).
 
-    A slide whose outputs are complete is not recomputed (unless ``overwrite``);
+    Outputs are named by ``output_names``; each summary says its ``name``. A slide whose outputs are complete is not recomputed (unless ``overwrite``);
     a bad one is skipped with a one-line reason, logged and listed in
     ``out_dir/skipped_slides.csv``, and the rest go on.
     """
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries, skipped = [], []
-    for path, mpp, label in entries:
-        if not overwrite and outputs_complete(path, out_dir):
-            summaries.append(json.loads((out_dir / f"{pathlib.Path(path).stem}.json").read_text()))
-            log.info("%s: outputs complete, not recomputed", path)
+    names = output_names([path for path, _, _ in entries], out_dir=out_dir)
+    for (path, mpp, label), name in zip(entries, names):
+        if not overwrite and outputs_complete(name, out_dir):
+            summaries.append({**json.loads((out_dir / f"{name}.json").read_text()), "name": name})
+            log.info("%s: outputs complete (%s.*), not recomputed", path, name)
             continue
         try:
-            summaries.append(predict_slide(path, predictor=predictor, out_dir=out_dir, mpp=mpp, label=label, **kwargs))
+            summaries.append(predict_slide(path, predictor=predictor, out_dir=out_dir, mpp=mpp, label=label,
+                                           name=name, **kwargs))
         except (OSError, ValueError, openslide.OpenSlideError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             log.warning("skipping slide %s: %s", path, reason)
             skipped.append((str(path), reason))
-    with open(out_dir / "skipped_slides.csv", "w", newline="") as handle:
+    with atomic.atomic_open(out_dir / "skipped_slides.csv", "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["slide", "reason"])
         writer.writerows(skipped)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from histokd_jax import metrics
+from histokd_jax import atomic, metrics
 
 PREDICTIONS = "test_predictions.npz"
 
@@ -25,12 +25,9 @@ def save_predictions(stage_dir: str | pathlib.Path, *, labels: np.ndarray, probs
                      class_names: Sequence[str], slides: np.ndarray | None = None) -> pathlib.Path:
     """Write ``stage_dir/test_predictions.npz`` (atomically: a report never reads half a file)."""
     path = pathlib.Path(stage_dir) / PREDICTIONS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, labels=np.asarray(labels, np.int32), probs=np.asarray(probs, np.float32),
-             class_names=np.asarray(list(class_names)),
-             slides=np.asarray([] if slides is None else slides, dtype=str))
-    tmp.replace(path)
+    atomic.save_npz(path, labels=np.asarray(labels, np.int32), probs=np.asarray(probs, np.float32),
+                    class_names=np.asarray(list(class_names)),
+                    slides=np.asarray([] if slides is None else slides, dtype=str))
     return path
 
 
@@ -190,8 +187,8 @@ def write_report(workdir: str | pathlib.Path, *, n_boot: int = 1000, seed: int =
 
     workdir = pathlib.Path(workdir)
     report = build_report(workdir, n_boot=n_boot, seed=seed, slide_method=slide_method)
-    (workdir / "report.json").write_text(json.dumps(_jsonable(report), indent=1))
-    (workdir / "report.md").write_text(markdown(report))
+    atomic.write_json(workdir / "report.json", _jsonable(report), indent=1)
+    atomic.write_text(workdir / "report.md", markdown(report))
     out = workdir / "plots"
     out.mkdir(exist_ok=True)
     points = []

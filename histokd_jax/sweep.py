@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from histokd_jax import metrics, parallel, report
+from histokd_jax import atomic, metrics, parallel, report
 from histokd_jax.data import slides
 from histokd_jax.data.splits import resolve_downsample
 
@@ -105,14 +105,26 @@ def images_per_second(config: ml_collections.ConfigDict, *, num_classes: int, in
     return batch_size / float(np.median(times))
 
 
+class UnfinishedStage(FileNotFoundError):
+    """A stage folder with test predictions but no result row: the run stopped between the two."""
+
+
 def _result_of(stage_dir: pathlib.Path) -> dict:
     """A model's result row: its stage's ``result.json``, or, for a teacher given by ``teacher.checkpoint``
     (evaluated, not trained here: no result.json, which would mark a trained stage), its row of the run's
-    ``results.json``."""
+    ``results.json``. Neither there: ``UnfinishedStage``, saying which stage and what to do."""
     if (stage_dir / "result.json").exists():
         return json.loads((stage_dir / "result.json").read_text())
-    rows = json.loads((stage_dir.parent / "results.json").read_text())
-    return next(row for row in rows if row["role"] == stage_dir.name)
+    results = stage_dir.parent / "results.json"
+    rows = json.loads(results.read_text()) if results.exists() else []
+    row = next((row for row in rows if row.get("role") == stage_dir.name), None)
+    if row is None:
+        where = f"{results} has no {stage_dir.name!r} row" if results.exists() else f"there is no {results}"
+        raise UnfinishedStage(
+            f"the {stage_dir.name} stage of the run in {stage_dir.parent} is unfinished: {stage_dir} has test "
+            f"predictions but no result.json, and {where}. Run the same launch/train.py or launch/sweep.py "
+            f"command again to finish it, or remove {stage_dir} to leave it out of the table.")
+    return row
 
 
 def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: int = 64,
@@ -175,11 +187,11 @@ def write_table(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: 
 
     workdir = pathlib.Path(workdir)
     rows = table_rows(workdir, n_boot=n_boot, batch_size=batch_size, measure=measure)
-    (workdir / "sweep.json").write_text(json.dumps(rows, indent=1))
+    atomic.write_json(workdir / "sweep.json", rows, indent=1)
     header = (f"# Resolution table: {workdir.name}\n\nTest split, 95% bootstrap CI (whole slides resampled "
               f"for slide data); analytic GFLOPs (every kernel tap); images/s measured on {jax.device_count()} {jax.default_backend()} device(s), "
               f"batch {batch_size}.\n\n")
-    (workdir / "sweep.md").write_text(header + format_table(rows) + "\n")
+    atomic.write_text(workdir / "sweep.md", header + format_table(rows) + "\n")
     (workdir / "plots").mkdir(exist_ok=True)
     labels = {"teacher": "teacher", "student_kd": "distilled", "student_baseline": "baseline (labels only)",
               "student_control": "control (true pool labels)"}

@@ -554,7 +554,7 @@ def finish_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, spli
                                                 predictor=predictor, out_dir=workdir / "predictions",
                                                 min_tissue=config.data.min_tissue, show_progress=False)
         for s in summaries:
-            say(f"student heatmap: {workdir / 'predictions' / pathlib.Path(s['slide']).stem}.heatmap.png "
+            say(f"student heatmap: {workdir / 'predictions' / s['name']}.heatmap.png "
                 f"(predicted {s['predicted']}, {s['tiles']} tiles at {s['tiles_per_s']:.0f} tiles/s)")
     say(f"report: {workdir / 'report.md'}; table: {workdir / 'sweep.md'}; figures: {workdir / 'plots'}")
 

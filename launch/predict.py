@@ -10,7 +10,6 @@ whose outputs are complete in ``--out`` are not recomputed.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from histokd_jax import inference  # noqa: E402
+from histokd_jax import atomic, inference  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or a stage folder in it.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
@@ -51,11 +50,11 @@ def main(argv: list[str]) -> None:
         heatmap_mpp=_HEATMAP_MPP.value, show_progress=_PROGRESS.value)
     for s in summaries:
         truth = f" (label {s['label']})" if s.get("label") else ""
-        print(f"{Path(s['slide']).name}: {s['predicted']}{truth}, {s['tiles']} tiles from level {s['level']} "
+        print(f"{s['slide']} -> {s['name']}.*: {s['predicted']}{truth}, {s['tiles']} tiles from level {s['level']} "
               f"in {s['seconds']:.1f} s ({s['tiles_per_s']:.0f} tiles/s)")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
-    (Path(_OUT.value) / "summary.json").write_text(json.dumps(summaries, indent=1))
+    atomic.write_json(Path(_OUT.value) / "summary.json", summaries, indent=1)
     if not summaries:
         sys.exit("error: no slide could be processed")
 

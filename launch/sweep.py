@@ -32,8 +32,11 @@ def main(argv: list[str]) -> None:
     runtime.prepare_runtime()
     from histokd_jax import sweep
 
-    rows = sweep.run_sweep(_CONFIG.value, _WORKDIR.value, should_stop=runtime.StopOnSignal(),
-                           config_name=flags.FLAGS["config"].config_filename, n_boot=_BOOT.value)
+    try:
+        rows = sweep.run_sweep(_CONFIG.value, _WORKDIR.value, should_stop=runtime.StopOnSignal(),
+                               config_name=flags.FLAGS["config"].config_filename, n_boot=_BOOT.value)
+    except sweep.UnfinishedStage as err:  # one line that says what to do, not a traceback
+        sys.exit(f"error: {err}")
     if rows is None:
         sys.exit("stopped before the end; run the same command again to resume")
     print((pathlib.Path(_WORKDIR.value) / "sweep.md").read_text())

@@ -10,6 +10,7 @@ The truth of the mixed slide comes from ``synthetic_slides.true_classes``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import pathlib
@@ -168,3 +169,88 @@ def test_predict_on_the_real_fixture_tiles_only_tissue(trained, tmp_path):
 def test_predict_refuses_a_folder_that_is_not_a_run(tmp_path):
     done = predict(f"--checkpoint={tmp_path}", f"--out={tmp_path / 'o'}", str(FIXTURE))
     assert done.returncode != 0 and "not a training workdir" in done.stderr
+
+
+def redness_predictor(calls: list) -> inference.Predictor:
+    """A stand-in model (no training): P(pink) = the fraction of pixels redder than blue; counts its calls."""
+    def apply(images: np.ndarray) -> np.ndarray:
+        calls.append(len(images))
+        red = (images[..., 0].astype(int) > images[..., 2]).mean(axis=(1, 2))
+        return np.stack([red, 1 - red], axis=1).astype(np.float32)
+
+    return inference.Predictor(role="student_kd", class_names=("pink", "blue"), input_mpp=4.0, input_px=16,
+                               apply=apply, batch_size=64, source="stand-in")
+
+
+def plain_slide(path: pathlib.Path, colour: tuple[int, int, int], seed: int) -> pathlib.Path:
+    """256 x 256 px at 1 µm/px: a disc of one colour on glass."""
+    rng = np.random.default_rng(seed)
+    image = np.asarray(colour, float) + rng.normal(0, 8, (256, 256, 3))
+    image = np.where(tissue_disc(256)[..., None], image, 243 + rng.normal(0, 1.5, (256, 256, 3)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    synthetic_slides.write_pyramid_tiff(path, np.clip(np.rint(image), 0, 255).astype(np.uint8), mpp=1.0,
+                                        levels=(1, 4))
+    return path
+
+
+def test_slides_with_the_same_stem_in_different_folders_each_get_their_own_outputs(tmp_path):
+    pink = plain_slide(tmp_path / "case_a" / "x.tiff", (215, 95, 160), seed=1)
+    blue = plain_slide(tmp_path / "case_b" / "x.tiff", (70, 130, 200), seed=2)
+    other = plain_slide(tmp_path / "case_b" / "y.tiff", (215, 95, 160), seed=3)
+    missing_a, missing_b = tmp_path / "case_a" / "gone.svs", tmp_path / "case_b" / "gone.svs"
+    out, calls = tmp_path / "out", []
+    entries = [(p, None, None) for p in (pink, blue, other, missing_a, missing_b)]
+    summaries, skipped = inference.predict_slides(entries, predictor=redness_predictor(calls), out_dir=out,
+                                                  show_progress=False)
+    by_slide = {s["slide"]: s for s in summaries}
+    assert set(by_slide) == {str(pink), str(blue), str(other)}
+    assert by_slide[str(pink)]["predicted"] == "pink" and by_slide[str(blue)]["predicted"] == "blue"
+    # the unique stem keeps its plain name; the two x.tiff get the stem plus a hash of their resolved path
+    expected = {str(p): f"x-{hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:8]}" for p in (pink, blue)}
+    assert {k: by_slide[k]["name"] for k in expected} == expected and by_slide[str(other)]["name"] == "y"
+    for slide, s in by_slide.items():
+        on_disk = json.loads((out / f"{s['name']}.json").read_text())
+        assert on_disk["slide"] == slide and on_disk["predicted"] == s["predicted"]
+        for suffix in (".csv", ".geojson", ".heatmap.png"):
+            assert (out / f"{s['name']}{suffix}").is_file()
+    _, probs_pink = read_csv_classes(out / f"{expected[str(pink)]}.csv", ("pink", "blue"))
+    _, probs_blue = read_csv_classes(out / f"{expected[str(blue)]}.csv", ("pink", "blue"))
+    assert (probs_pink[:, 0] > 0.5).all() and (probs_blue[:, 1] > 0.5).all()  # each file holds its own slide
+    assert sorted(p for p, _ in skipped) == sorted([str(missing_a), str(missing_b)])
+    with open(out / "skipped_slides.csv", newline="") as handle:
+        assert sorted(r["slide"] for r in csv.DictReader(handle)) == sorted([str(missing_a), str(missing_b)])
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+    # reruns, with the same list or with either x.tiff alone, recompute nothing and keep the names
+    for subset in ([pink, blue, other], [blue], [pink]):
+        calls.clear()
+        again, _ = inference.predict_slides([(p, None, None) for p in subset], predictor=redness_predictor(calls),
+                                            out_dir=out, show_progress=False)
+        assert calls == [] and [s["name"] for s in again] == [by_slide[str(p)]["name"] for p in subset]
+
+
+def test_a_slide_alone_keeps_its_plain_name_and_a_later_namesake_gets_its_own(tmp_path):
+    first = plain_slide(tmp_path / "case_a" / "x.tiff", (215, 95, 160), seed=1)
+    second = plain_slide(tmp_path / "case_b" / "x.tiff", (70, 130, 200), seed=2)
+    out, calls = tmp_path / "out", []
+    done, _ = inference.predict_slides([(first, None, None)], predictor=redness_predictor(calls), out_dir=out,
+                                       show_progress=False)
+    assert done[0]["name"] == "x" and json.loads((out / "x.json").read_text())["slide"] == str(first)
+    # the second x.tiff, alone or with the first, is not taken for the first's finished outputs
+    for entries in ([second], [first, second]):
+        calls.clear()
+        done, _ = inference.predict_slides([(p, None, None) for p in entries], predictor=redness_predictor(calls),
+                                           out_dir=out, show_progress=False)
+        names = {s["slide"]: s["name"] for s in done}
+        assert names[str(second)] == inference.hashed_name(second) != "x"
+        assert names.get(str(first), "x") == "x"
+        assert json.loads((out / "x.json").read_text())["slide"] == str(first)
+        assert json.loads((out / f"{names[str(second)]}.json").read_text())["predicted"] == "blue"
+        assert len(calls) == (1 if entries == [second] else 0)  # computed once, then found complete
+
+
+def read_csv_classes(path: pathlib.Path, classes) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rects = np.array([[int(r[k]) for k in ("minx", "miny", "width", "height")] for r in rows])
+    return rects, np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])

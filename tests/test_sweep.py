@@ -96,3 +96,41 @@ def test_slide_pool_truth_matches_the_rendered_cells(tmp_path):
         np.testing.assert_array_equal(truth[rows], cells)
         checked += len(rows)
     assert checked > 0 and len(np.unique(truth[pool.labels() == -1])) >= 2
+
+
+def _predictions_only_stage(run_dir: pathlib.Path, role: str) -> pathlib.Path:
+    """A stage folder that saved its test predictions, as a run killed just after that leaves it."""
+    from histokd_jax import report
+
+    rng = np.random.default_rng(0)
+    report.save_predictions(run_dir / role, labels=rng.integers(0, 2, 10), probs=rng.dirichlet([1, 1], 10),
+                            class_names=("a", "b"))
+    return run_dir / role
+
+
+@pytest.mark.parametrize("results_rows", [None, [{"role": "student_kd"}]])
+def test_a_stage_without_a_result_row_is_named_with_what_to_do(tmp_path, results_rows):
+    from histokd_jax import sweep as sweep_lib
+
+    stage = _predictions_only_stage(tmp_path / "f4", "teacher")
+    if results_rows is not None:
+        (tmp_path / "f4" / "results.json").write_text(json.dumps(results_rows))
+    with pytest.raises(sweep_lib.UnfinishedStage) as err:
+        sweep_lib.table_rows(tmp_path, measure=False)
+    message = str(err.value)
+    assert f"teacher stage of the run in {tmp_path / 'f4'} is unfinished" in message
+    assert str(stage) in message and "again" in message
+    assert ("has no 'teacher' row" if results_rows else "there is no") in message
+
+
+def test_launch_sweep_prints_an_unfinished_stage_as_one_error_line(tmp_path):
+    workdir = tmp_path / "sweep"
+    _predictions_only_stage(workdir / "f2", "student_kd")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, str(REPO / "launch/sweep.py"), "--config=configs/demo_tiles.py", f"--workdir={workdir}",
+           *TINY_FLAGS, f"--config.data.root={tmp_path / 'tiles'}", f"--config.teacher.checkpoint={tmp_path}",
+           "--config.sweep.factors=()", "--bootstrap=10"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("error: the student_kd stage of the run in")
+    assert "Traceback" not in done.stderr

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import pathlib
 from collections.abc import Sequence
 
@@ -23,6 +22,7 @@ import numpy as np
 import openslide
 from tqdm.auto import tqdm
 
+from histokd_jax import atomic
 from histokd_jax.data import slides
 from histokd_jax.data.manifest import SlideEntry
 from histokd_jax.data.sources import UNLABELED, digest, relative_paths
@@ -81,9 +81,8 @@ def index_slide(entry: SlideEntry, *, settings: IndexSettings, cache_dir: pathli
         slides.save_mask_preview(slide, mask, cached.with_suffix(".mask.png"))
     if not len(coords):
         raise ValueError("no tissue tiles (nothing passed the tissue mask and min_tissue)")
-    tmp = cached.with_suffix(".tmp.npz")
-    np.savez(tmp, mpp=resolution.mpp, source=resolution.source, coords=coords, tissue=tissue)
-    os.replace(tmp, cached)  # atomic: an interrupted index never leaves a half file
+    # atomic: an interrupted index never leaves a half file
+    atomic.save_npz(cached, mpp=resolution.mpp, source=resolution.source, coords=coords, tissue=tissue)
     return SlideTiles(entry, resolution.mpp, resolution.source, coords, tissue)
 
 

@@ -90,16 +90,35 @@ def data_root(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_
     return root
 
 
+def check_not_empty(splits: DataSplits) -> DataSplits:
+    """An empty split is an error here, naming it, not an empty concatenation when it is evaluated."""
+    empty = [name for name in ("train", "val", "test") if len(getattr(splits, name)) == 0]
+    if empty:
+        raise ValueError(f"split(s) {empty} of the data in {splits.root} have no records: every one of train, "
+                         "val and test needs tiles")
+    return splits
+
+
 def load_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_name: str = "this config") -> DataSplits:
+    """The sources of every split, whatever ``data.kind``; an empty split is an error naming it."""
     if data.kind in ("slides", "synthetic_slides") or (data.kind == "folder" and data.manifest):
-        return load_slide_splits(data, workdir=workdir, config_name=config_name)  # a manifest means slides
+        return check_not_empty(load_slide_splits(data, workdir=workdir, config_name=config_name))  # manifest: slides
     if data.kind == "tfds":  # a TFDS dataset prepared as array_record (read without TensorFlow)
         from histokd_jax.data import tfds_sources
 
-        return tfds_sources.load_tfds_splits(data, config_name=config_name)
+        return check_not_empty(tfds_sources.load_tfds_splits(data, config_name=config_name))
+    return check_not_empty(load_tile_splits(data, workdir=workdir, config_name=config_name))
+
+
+def load_tile_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
+                     config_name: str = "this config") -> DataSplits:
+    """Tile folders (or the synthetic demo's): every tile's header is checked against the teacher crop
+    (``data.teacher_px``) when its folder is scanned."""
     root = data_root(data, workdir=workdir, config_name=config_name)
     names = tuple(data.class_names) or sources.find_class_names(root, split=data.train_split)
-    scan = lambda split: sources.TileSource(sources.scan_split(root, split, class_names=names))  # noqa: E731
+    min_px = int(data.teacher_px)
+    scan = lambda split: sources.TileSource(  # noqa: E731
+        sources.scan_split(root, split, class_names=names, min_px=min_px), min_px=min_px)
     unlabeled = []
     if data.use_unlabeled:
         pool = (root / data.unlabeled_folder).resolve()
@@ -110,9 +129,9 @@ def load_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, confi
                     f"data.unlabeled_folder={data.unlabeled_folder!r} overlaps the {split!r} split: evaluation "
                     "tiles would leak into distillation. Point it at a folder of its own."
                 )
-        unlabeled = sources.scan_unlabeled(root, folder=data.unlabeled_folder)
+        unlabeled = sources.scan_unlabeled(root, folder=data.unlabeled_folder, min_px=min_px)
     train, val, test = scan(data.train_split), scan(data.val_split), scan(data.test_split)
-    full_pool = sources.TileSource(train.records + unlabeled)
+    full_pool = sources.TileSource(train.records + unlabeled, min_px=min_px)
     pool, pool_truth = distillation_pools(data, full_pool, n_labelled=len(train),
                               truth=_synthetic_tile_truth(root, train, unlabeled, names) if data.kind == "synthetic" else None)
     return DataSplits(

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from histokd_jax import atomic
 from histokd_jax.data.synthetic import CLASS_NAMES, _smooth_noise, render_tile, stored_meta
 from histokd_jax.data.views import area_downsample
 
@@ -147,20 +148,14 @@ def write_pyramid_tiff(path: str | os.PathLike, level0: np.ndarray, *, mpp: floa
     path = Path(path)
     h, w = level0.shape[:2]
     lv = _check_levels(levels, h, w)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=h * w * 3 > 2**31) as tif:
-            for k, f in enumerate(lv):
-                img = area_downsample(level0, f)
-                res = 1e4 / (mpp * f)  # pixels per centimetre
-                tif.write(img, photometric="rgb", tile=(_TIFF_TILE, _TIFF_TILE), compression="jpeg",
-                          compressionargs={"level": int(jpeg_quality), "outcolorspace": "RGB"},
-                          subsampling=(1, 1), subfiletype=1 if k else 0, resolution=(res, res),
-                          resolutionunit="CENTIMETER", metadata=None, description=description if k == 0 else None)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic.atomic_open(path, "wb") as handle, tifffile.TiffWriter(handle, bigtiff=h * w * 3 > 2**31) as tif:
+        for k, f in enumerate(lv):
+            img = area_downsample(level0, f)
+            res = 1e4 / (mpp * f)  # pixels per centimetre
+            tif.write(img, photometric="rgb", tile=(_TIFF_TILE, _TIFF_TILE), compression="jpeg",
+                      compressionargs={"level": int(jpeg_quality), "outcolorspace": "RGB"},
+                      subsampling=(1, 1), subfiletype=1 if k else 0, resolution=(res, res),
+                      resolutionunit="CENTIMETER", metadata=None, description=description if k == 0 else None)
     return lv
 
 
