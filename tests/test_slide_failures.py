@@ -270,3 +270,22 @@ def test_training_with_every_slide_unreadable_fails_fast_naming_them(tmp_path, w
     assert time.perf_counter() - started < 120
     assert "every slide of this source is unreadable" in out.stdout + out.stderr
     assert all(p in out.stdout + out.stderr for p in paths)
+
+
+def test_a_corrupt_folder_tile_is_dropped_from_evaluation_with_its_reason(tmp_path):
+    from PIL import Image
+
+    from histokd_jax.data import sources
+
+    records = []
+    for i in range(5):
+        path = tmp_path / f"tile_{i}.png"
+        Image.fromarray(np.full((64, 64, 3), 40 * (i + 1), np.uint8)).save(path)
+        records.append(sources.TileRecord(str(path), i % 3))
+    pathlib.Path(records[2].path).write_bytes(b"not a png")
+    scored = trainer.evaluate_split(None, sources.TileSource(records), model=None, image_key="teacher_image",
+                                    spec=SPEC, mesh=parallel.make_mesh(), batch_size=4, eval_fn=fake_eval_fn)
+    np.testing.assert_array_equal(scored.labels, [0, 1, 0, 1])
+    np.testing.assert_array_equal(scored.records, [0, 1, 3, 4])
+    assert scored.slides is None and scored.counts() == {"tiles_scored": 4, "tiles_dropped": 1}
+    assert scored.dropped[0][0] == records[2].path and records[2].path in scored.dropped[0][1]
