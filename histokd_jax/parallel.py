@@ -93,6 +93,17 @@ def from_process_0(value: int | bool) -> int | bool:
     return bool(out) if isinstance(value, bool) else int(out)
 
 
+def any_process_each(mask: np.ndarray) -> np.ndarray:
+    """Element-wise ``any_process``: True where any process has True (each process knows only the records
+    it read, e.g. which ones failed in an evaluation; all must drop the same ones)."""
+    mask = np.asarray(mask, bool)
+    if jax.process_count() == 1:
+        return mask
+    from jax.experimental import multihost_utils
+
+    return np.any(multihost_utils.process_allgather(mask.astype(np.int32)), axis=0)
+
+
 def process_0_first(fn: Callable[[], Any]) -> Any:
     """``fn()`` on process 0, then, after a barrier, on the others: what process 0 writes (generated demo
     data, slide-index caches on a shared filesystem) is then found by the others instead of raced for."""

@@ -22,12 +22,17 @@ PREDICTIONS = "test_predictions.npz"
 
 
 def save_predictions(stage_dir: str | pathlib.Path, *, labels: np.ndarray, probs: np.ndarray,
-                     class_names: Sequence[str], slides: np.ndarray | None = None) -> pathlib.Path:
-    """Write ``stage_dir/test_predictions.npz`` (atomically: a report never reads half a file)."""
+                     class_names: Sequence[str], slides: np.ndarray | None = None,
+                     dropped: Sequence[tuple[str, str]] = ()) -> pathlib.Path:
+    """Write ``stage_dir/test_predictions.npz`` (atomically: a report never reads half a file).
+
+    ``dropped``: (slide or tile file, reason) of what the evaluation left out because it
+    failed to read, so the report can say what its figures do not cover."""
     path = pathlib.Path(stage_dir) / PREDICTIONS
     atomic.save_npz(path, labels=np.asarray(labels, np.int32), probs=np.asarray(probs, np.float32),
                     class_names=np.asarray(list(class_names)),
-                    slides=np.asarray([] if slides is None else slides, dtype=str))
+                    slides=np.asarray([] if slides is None else slides, dtype=str),
+                    dropped=np.asarray([list(d) for d in dropped], dtype=str).reshape(-1, 2))
     return path
 
 
@@ -36,6 +41,7 @@ def load_predictions(stage_dir: str | pathlib.Path) -> dict:
         out = {key: data[key] for key in data.files}
     out["class_names"] = [str(c) for c in out["class_names"]]
     out["slides"] = out["slides"] if out["slides"].size else None
+    out["dropped"] = [(str(a), str(b)) for a, b in out.get("dropped", np.zeros((0, 2), str))]  # older files: none
     return out
 
 
@@ -82,7 +88,8 @@ def model_report(preds: dict, *, n_boot: int = 1000, seed: int = 0, slide_method
 
     # tile intervals resample whole slides when the tiles come from slides (tiles of a slide are correlated)
     out = {"class_names": names, "tiles": block(labels, probs, preds.get("slides")),
-           "ci_resampling": "slides" if preds.get("slides") is not None else "tiles"}
+           "ci_resampling": "slides" if preds.get("slides") is not None else "tiles",
+           "scored": scored_counts(preds)}
     if preds.get("slides") is not None:
         ids, slide_labels, slide_probs = metrics.aggregate_slides(preds["slides"], labels, probs, method=slide_method)
         out["slides"] = {"aggregation": slide_method, **block(slide_labels, slide_probs),
@@ -90,6 +97,13 @@ def model_report(preds: dict, *, n_boot: int = 1000, seed: int = 0, slide_method
                                              "probs": [round(float(v), 4) for v in p]}
                                          for s, y, p in zip(ids, slide_labels, slide_probs)}}
     return out
+
+
+def scored_counts(preds: dict) -> dict:
+    """How much of the test split the figures cover: tiles and slides scored, and what was dropped (unreadable)."""
+    slides = preds.get("slides")
+    return {"tiles": int(len(preds["labels"])), "slides": None if slides is None else int(len(np.unique(slides))),
+            "dropped": [{"name": name, "reason": reason} for name, reason in preds.get("dropped", [])]}
 
 
 def build_report(workdir: str | pathlib.Path, *, n_boot: int = 1000, seed: int = 0,
@@ -155,6 +169,7 @@ def markdown(report: dict) -> str:
             s = m["slides"]
             lines.append(f"| {name} | {s['aggregation']} | {s['n']} | {_fmt(s['accuracy'])} | "
                          f"{_fmt(s['balanced_accuracy'])} | {_fmt(s['macro_f1'])} | {_fmt(s['macro_auc'])} |")
+    lines += _dropped_lines(report)
     for name, m in report.items():
         lines += ["", f"## {name}: per class (tiles)", "", "| class | support | precision | recall | F1 | AUC |",
                   "|---|---:|---|---|---|---|"]
@@ -162,6 +177,22 @@ def markdown(report: dict) -> str:
             lines.append(f"| {cls} | {f['support']} | {_fmt(f['precision'])} | {_fmt(f['recall'])} | "
                          f"{_fmt(f['f1'])} | {_fmt(f['auc'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _dropped_lines(report: dict) -> list[str]:
+    """Per model: tiles and slides scored, and what was dropped from the test split because it failed to read."""
+    if not any(m.get("scored", {}).get("dropped") for m in report.values()):
+        return []
+    lines = ["", "## Scored and dropped", "", "Slides (or tiles) that failed to read during the test evaluation "
+             "were left out whole; the figures above cover the rest.", "",
+             "| model | tiles scored | slides scored | dropped | reasons |", "|---|---:|---:|---:|---|"]
+    for name, m in report.items():
+        s = m.get("scored", {})
+        dropped = s.get("dropped", [])
+        reasons = "; ".join(f"{d['name']}: {d['reason']}" for d in dropped).replace("|", "/")
+        slides = "" if s.get("slides") is None else s["slides"]
+        lines.append(f"| {name} | {s.get('tiles', m['tiles']['n'])} | {slides} | {len(dropped)} | {reasons} |")
+    return lines
 
 
 def _jsonable(value):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import pathlib
 import platform
@@ -25,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from histokd_jax import atomic, checkpoint, parallel, report, steps, teacher_targets
-from histokd_jax.data.pipeline import eval_batches, make_train_loader
+from histokd_jax.data.pipeline import eval_batches, eval_units, make_train_loader, scored_mask
 from histokd_jax.data.splits import DataSplits, load_splits, view_spec
 from histokd_jax.config_checks import check_config, check_teacher_matches, require_finished_teacher
 from histokd_jax.metric_writer import MetricWriter
@@ -34,6 +35,7 @@ from histokd_jax.models import COMPUTE_DTYPES, ResNetGN, forward_flops
 from histokd_jax.optim import make_optimizer
 from histokd_jax.state import abstract_params, create_train_state, init_params
 
+log = logging.getLogger(__name__)
 RESULT_KEYS = ("role", "input_px", "downsample", "split", "accuracy", "balanced_accuracy", "macro_f1", "gflops_per_image")
 
 
@@ -94,6 +96,24 @@ def gflops_per_image(model: ResNetGN, *, input_px: int) -> float:
                          num_classes=model.num_classes) / 1e9
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What an evaluation scored: the records of the units (slides, or tiles) that read without error."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+    records: np.ndarray  # indices into the source of the scored records, in record order
+    slides: np.ndarray | None  # the slide of each scored record (slide sources), else None
+    dropped: tuple[tuple[str, str], ...] = ()  # (slide, or tile file, reason) left out
+
+    def counts(self) -> dict:
+        """For the result row: how much of the split was scored, and how much was dropped."""
+        if self.slides is None:
+            return {"tiles_scored": int(len(self.labels)), "tiles_dropped": len(self.dropped)}
+        return {"tiles_scored": int(len(self.labels)), "slides_scored": int(len(np.unique(self.slides))),
+                "slides_dropped": len(self.dropped)}
+
+
 def evaluate(
     params: Any,
     source,
@@ -105,14 +125,45 @@ def evaluate(
     batch_size: int,
     eval_fn: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, class probabilities) over a whole split, in record order."""
+    """(labels, class probabilities) over a whole split, in record order, of the slides that read (``evaluate_split``)."""
+    scored = evaluate_split(params, source, model=model, image_key=image_key, spec=spec, mesh=mesh,
+                            batch_size=batch_size, eval_fn=eval_fn)
+    return scored.labels, scored.probs
+
+
+def evaluate_split(params: Any, source, *, model: nn.Module, image_key: str, spec, mesh, batch_size: int,
+                   eval_fn: Callable | None = None) -> Evaluation:
+    """The split's scores, without the slides that failed to read: a slide that fails during evaluation
+    is dropped whole (also its tiles scored before), logged and listed (``source.note_dropped``), never
+    replaced by another slide's tiles under its own labels. Nothing left to score is an error naming them."""
     if eval_fn is None:
         eval_fn = make_eval_fn(model=model, image_key=image_key, mesh=mesh)
+    failed: dict[int, str] = {}
     probs = []
-    for batch, valid in eval_batches(source, spec=spec, global_batch_size=batch_size):
+    for batch, valid in eval_batches(source, spec=spec, global_batch_size=batch_size, failed=failed):
         out = parallel.to_host(eval_fn(params, parallel.put_batch(batch, mesh=mesh)))
         probs.append(out[valid])
-    return source.labels(), np.concatenate(probs)
+    units, names = eval_units(source)
+    failed_mask = np.zeros(len(source), bool)
+    failed_mask[list(failed)] = True
+    failed_mask = parallel.any_process_each(failed_mask)  # every process drops what any could not read
+    keep = scored_mask(units, failed_mask)
+    reasons = {}  # unit -> the first reason this process saw (another process's failure: see its log)
+    for i in np.flatnonzero(failed_mask):
+        reasons.setdefault(int(units[i]), failed.get(int(i), "unreadable on another process (see its log)"))
+    dropped = tuple((names[u], r) for u, r in sorted(reasons.items()))
+    for name, reason in dropped:
+        log.warning("evaluation: dropped %s (all its tiles): %s", name, reason)
+    if reasons and jax.process_index() == 0 and hasattr(source, "note_dropped"):
+        source.note_dropped(reasons)
+    if not keep.any():
+        listed = "; ".join(f"{n}: {r}" for n, r in dropped[:5]) + (f"; and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        where = f" (listed in {source.skipped_csv})" if getattr(source, "skipped_csv", None) else ""
+        raise ValueError(f"nothing left to evaluate: the split has {len(source)} records and every one failed "
+                         f"to read{where}: {listed or 'no records'}")
+    slides = np.asarray(names)[units[keep]] if hasattr(source, "slide_of") else None
+    return Evaluation(labels=np.asarray(source.labels())[keep], probs=np.concatenate(probs)[keep],
+                      records=np.flatnonzero(keep), slides=slides, dropped=dropped)
 
 
 def make_eval_fn(*, model: nn.Module, image_key: str, mesh) -> Callable:
@@ -204,7 +255,7 @@ def run_stage(
     )
     eval_fn = make_eval_fn(model=stage.model, image_key=stage.image_key, mesh=mesh)
     run_eval = functools.partial(
-        evaluate,
+        evaluate_split,
         model=stage.model,
         image_key=stage.image_key,
         spec=view_spec(config.data, train=False),
@@ -245,7 +296,8 @@ def run_stage(
             writer.write(f"{stage.role}/train", step, means)
             bar.set_postfix(loss=f"{means['loss']:.4f}")
             if eval_now:
-                val = classification_metrics(*run_eval(state.params, splits.val))
+                scored = run_eval(state.params, splits.val)
+                val = classification_metrics(scored.labels, scored.probs)
                 writer.write(f"{stage.role}/val", step, val)
                 if val[train.select_metric] > best["metric"]:
                     best = {"metric": val[train.select_metric], "step": step, **val}
@@ -269,13 +321,13 @@ def run_stage(
         manager.wait_until_finished()
         manager.close()
 
-    labels, probs = run_eval(best_params, splits.test)
-    row = result_row(stage, labels=labels, probs=probs)
+    test = run_eval(best_params, splits.test)
+    row = {**result_row(stage, labels=test.labels, probs=test.probs), **test.counts()}
     # wall time of this run of the stage (since the last resume), compilation and validation included
     row.update(best_val_step=best["step"], best_val_metric=best["metric"],
                stage_seconds=round(time.perf_counter() - started, 1))
     if writer.enabled:  # predictions first: result.json marks the stage finished
-        save_test_predictions(stage_dir, labels=labels, probs=probs, splits=splits)
+        save_test_predictions(stage_dir, scored=test, splits=splits)
         atomic.write_json(result_file, row)  # a kill mid-write must not leave a "finished" stage
     return best_params, row
 
@@ -305,12 +357,11 @@ def _restore(manager, step: int, *, stage: Stage, state, iterator, mesh) -> dict
                          "--workdir.") from err
 
 
-def save_test_predictions(stage_dir: pathlib.Path, *, labels: np.ndarray, probs: np.ndarray,
-                          splits: DataSplits) -> None:
-    """The final model's test predictions, for launch/evaluate.py (with each tile's slide, if any)."""
-    source = splits.test
-    slides = np.asarray(source.paths)[source.slide_of] if hasattr(source, "slide_of") else None
-    report.save_predictions(stage_dir, labels=labels, probs=probs, class_names=splits.class_names, slides=slides)
+def save_test_predictions(stage_dir: pathlib.Path, *, scored: Evaluation, splits: DataSplits) -> None:
+    """The final model's test predictions, for launch/evaluate.py: the scored tiles only, each with its
+    slide (if any), and the slides dropped from the evaluation with their reasons."""
+    report.save_predictions(stage_dir, labels=scored.labels, probs=scored.probs, class_names=splits.class_names,
+                            slides=scored.slides, dropped=scored.dropped)
 
 
 # Fields that may change between an interrupted run and its resumption without changing the result.
@@ -503,12 +554,12 @@ def train_and_evaluate(
                 teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh, workdir=workdir,
                                                  class_names=splits.class_names)
                 stage = build_stage("teacher", config=config, model=model, splits=splits)
-                labels, probs = evaluate(teacher_params, splits.test, model=model, image_key=stage.image_key,
-                                         spec=view_spec(config.data, train=False), mesh=mesh,
-                                         batch_size=config.train.eval_batch_size)
-                rows.append(result_row(stage, labels=labels, probs=probs))
+                test = evaluate_split(teacher_params, splits.test, model=model, image_key=stage.image_key,
+                                      spec=view_spec(config.data, train=False), mesh=mesh,
+                                      batch_size=config.train.eval_batch_size)
+                rows.append({**result_row(stage, labels=test.labels, probs=test.probs), **test.counts()})
                 if writer.enabled and not (workdir / "teacher" / "checkpoints").exists():
-                    save_test_predictions(workdir / "teacher", labels=labels, probs=probs, splits=splits)
+                    save_test_predictions(workdir / "teacher", scored=test, splits=splits)
                 continue
             if name == "distill" and teacher_params is None:
                 teacher_params = _teacher_params(config, model=model, input_px=teacher_px, mesh=mesh, workdir=workdir,

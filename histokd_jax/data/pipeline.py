@@ -112,13 +112,19 @@ def make_train_loader(
     return TrainLoader(loader, batch_size)
 
 
-def eval_batches(source, *, spec: ViewSpec, global_batch_size: int) -> Iterator[tuple[dict, np.ndarray]]:
+def eval_batches(source, *, spec: ViewSpec, global_batch_size: int,
+                 failed: dict[int, str] | None = None) -> Iterator[tuple[dict, np.ndarray]]:
     """Un-augmented batches in record order: ``(this process's slice, valid-mask of the global batch)``.
 
     Every global batch has the same shape (the last is padded with copies of record
     0 and masked out) so the eval step compiles once. Process ``p`` supplies rows
     ``[p*B/P, (p+1)*B/P)`` of each global batch, so gathered outputs come back in
     record order on every process.
+
+    With ``failed`` (a dict), a record whose read raises OSError does not end the
+    pass: it is recorded there (index -> reason) and a blank placeholder takes its
+    row, still marked valid (the other processes cannot know); the caller drops it
+    (``scored_mask``). Without it, the error propagates.
     """
     n = len(source)
     per_process = global_batch_size // jax.process_count()
@@ -127,6 +133,37 @@ def eval_batches(source, *, spec: ViewSpec, global_batch_size: int) -> Iterator[
         indices = np.arange(start, start + global_batch_size)
         valid = indices < n
         mine = np.where(valid, indices, 0)[lo : lo + per_process]
-        views = [make_views(source[int(i)], spec=spec, rng=None) for i in mine]
+        views = [_eval_views(source, int(i), spec=spec, failed=failed) for i in mine]
         batch = {k: np.stack([v[k] for v in views]) for k in views[0]}
         yield batch, valid
+
+
+def _eval_views(source, index: int, *, spec: ViewSpec, failed: dict[int, str] | None) -> dict:
+    if failed is None:
+        return make_views(source[index], spec=spec, rng=None)
+    if index not in failed:
+        try:
+            return make_views(source[index], spec=spec, rng=None)
+        except OSError as err:
+            failed[index] = str(err).splitlines()[0] if str(err) else type(err).__name__
+    blank = {"image": np.full((spec.teacher_px, spec.teacher_px, 3), 255, np.uint8), "label": 0, "has_label": False}
+    return make_views(blank, spec=spec, rng=None)
+
+
+def eval_units(source) -> tuple[np.ndarray, list[str]]:
+    """(unit of each record, name of each unit): the records that stand or fall together in an evaluation.
+
+    A slide's tiles are one unit (a slide that fails is dropped whole: scoring the
+    tiles read before it failed would bias its slide-level prediction); any other
+    record is a unit of its own, named by its file where the source has one.
+    """
+    if hasattr(source, "slide_of"):
+        return np.asarray(source.slide_of), list(source.paths)
+    records = getattr(source, "records", None)
+    names = [r.path for r in records] if records is not None else [f"record {i}" for i in range(len(source))]
+    return np.arange(len(source)), names
+
+
+def scored_mask(units: np.ndarray, failed: np.ndarray) -> np.ndarray:
+    """Records to score: those of units none of whose records failed (``failed``: bool per record)."""
+    return ~np.isin(units, units[failed])

@@ -5,7 +5,9 @@ its result is cached per slide under ``cache_dir`` (keyed by the file's size,
 mtime and the indexing settings), so reruns and interrupted runs redo nothing.
 A slide that cannot be used (missing, unreadable, unsupported, no resolution,
 no tissue) is skipped with a one-line reason and a row in ``skipped_slides.csv``;
-the rest go on.
+the rest go on. A slide that breaks after indexing is replaced by other slides'
+tiles in training sources, and refused (never replaced) in evaluation sources,
+whose evaluation then drops the whole slide and lists it in the same csv.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import hashlib
 import json
 import logging
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import openslide
@@ -28,6 +30,11 @@ from histokd_jax.data.manifest import SlideEntry
 from histokd_jax.data.sources import UNLABELED, digest, relative_paths
 
 log = logging.getLogger(__name__)
+
+SKIPPED_COLUMNS = ("slide", "label", "split", "line", "reason")
+# What a slide read can raise: missing/unsupported files (OSError/ValueError from slides.open_slide) and
+# OpenSlide's own errors from decoding (a corrupt JPEG tile), which are neither.
+READ_ERRORS = (OSError, ValueError, openslide.OpenSlideError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +80,15 @@ def index_slide(entry: SlideEntry, *, settings: IndexSettings, cache_dir: pathli
         resolution = slides.slide_mpp(slide, override=entry.mpp)
         if resolution.mpp > settings.teacher_mpp * 1.02:
             raise ValueError(f"level 0 is {resolution.mpp:.3g} µm/px, coarser than the teacher's {settings.teacher_mpp:.3g}")
-        mask, mask_mpp = slides.tissue_mask(slide, thumb_mpp=settings.thumb_mpp, base_mpp=resolution.mpp)
-        coords, tissue = slides.tile_grid(
-            mask, mask_mpp=mask_mpp, base_mpp=resolution.mpp, slide_dims=slide.dimensions,
-            tile_um=settings.tile_um, min_tissue=settings.min_tissue, overlap=settings.overlap,
-        )
-        slides.save_mask_preview(slide, mask, cached.with_suffix(".mask.png"))
+        try:
+            mask, mask_mpp = slides.tissue_mask(slide, thumb_mpp=settings.thumb_mpp, base_mpp=resolution.mpp)
+            coords, tissue = slides.tile_grid(
+                mask, mask_mpp=mask_mpp, base_mpp=resolution.mpp, slide_dims=slide.dimensions,
+                tile_um=settings.tile_um, min_tissue=settings.min_tissue, overlap=settings.overlap,
+            )
+            slides.save_mask_preview(slide, mask, cached.with_suffix(".mask.png"))
+        except openslide.OpenSlideError as err:  # it opened, but its tiles do not decode
+            raise OSError(f"{entry.path}: OpenSlide cannot read its tiles ({err or type(err).__name__})") from err
     if not len(coords):
         raise ValueError("no tissue tiles (nothing passed the tissue mask and min_tissue)")
     # atomic: an interrupted index never leaves a half file
@@ -96,15 +106,36 @@ def index_slides(
     for entry in tqdm(entries, desc="indexing slides", unit="slide", disable=not show_progress):
         try:
             usable.append(index_slide(entry, settings=settings, cache_dir=cache_dir))
-        except (OSError, ValueError) as err:
-            reason = str(err).splitlines()[0]
+        except READ_ERRORS as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             log.warning("skipping slide %s (manifest line %d): %s", entry.path, entry.line, reason)
             skipped.append((entry, reason))
-    with open(cache_dir / "skipped_slides.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["slide", "label", "split", "line", "reason"])
-        writer.writerows([e.path, e.label or "", e.split, e.line, r] for e, r in skipped)
+    _write_skipped(cache_dir / "skipped_slides.csv", [_skipped_row(e, r) for e, r in skipped])
     return usable, skipped
+
+
+def _skipped_row(entry: SlideEntry, reason: str) -> list[str]:
+    return [str(entry.path), entry.label or "", entry.split, str(entry.line), reason]
+
+
+def _write_skipped(path: pathlib.Path, rows: Sequence[Sequence[str]]) -> None:
+    with atomic.atomic_open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SKIPPED_COLUMNS)
+        writer.writerows(rows)
+
+
+def append_skipped(path: str | pathlib.Path, skipped: Sequence[tuple[SlideEntry, str]]) -> None:
+    """Add rows to a ``skipped_slides.csv`` (rewritten atomically); a row already there is not repeated,
+    so a slide dropped at every validation is listed once."""
+    path = pathlib.Path(path)
+    rows = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle)][1:]
+    new = [row for row in (_skipped_row(e, r) for e, r in skipped) if row not in rows]
+    if new:
+        _write_skipped(path, rows + new)
 
 
 class SlideTileSource:
@@ -115,20 +146,33 @@ class SlideTileSource:
     region), which is what whole-slide inference does; for training the student
     view is instead the downsample of the augmented teacher crop (data/views.py).
     Slide handles are opened lazily, once per process, and never pickled.
+
+    ``substitute``: what a tile of a slide that fails after indexing gives. True
+    (training, the distillation pool): the next readable slide's tile, so one bad
+    slide does not end an epoch. False (validation, test): an OSError naming the
+    slide, so the evaluation can drop that slide instead of scoring another one's
+    tile under its label. ``skipped_csv``: where slides dropped from an evaluation
+    are listed (``note_dropped``).
     """
 
     def __init__(self, tiles: Sequence[SlideTiles], *, class_names: Sequence[str], teacher_mpp: float, tile_px: int,
-                 student_mpp: float | None = None):
+                 student_mpp: float | None = None, substitute: bool = True,
+                 skipped_csv: str | pathlib.Path | None = None):
         self.paths = [str(t.entry.path) for t in tiles]
+        self.entries = [t.entry for t in tiles]
         self.mpps = np.asarray([t.mpp for t in tiles], np.float64)
         labels = [class_names.index(t.entry.label) if t.entry.label else UNLABELED for t in tiles]
         counts = [len(t.coords) for t in tiles]
         self.slide_of = np.repeat(np.arange(len(tiles)), counts).astype(np.int32)
+        self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if tiles else np.zeros(0, np.int64)
         self.coords = np.concatenate([t.coords for t in tiles]) if tiles else np.zeros((0, 2), np.int64)
         self.tile_labels = np.repeat(np.asarray(labels, np.int32), counts)
         self.teacher_mpp, self.tile_px, self.student_mpp = teacher_mpp, tile_px, student_mpp
+        self.substitute = substitute
+        self.skipped_csv = None if skipped_csv is None else str(skipped_csv)
         self._handles: dict[int, object] = {}
         self.unreadable: set[int] = set()  # slides that failed while reading, in this process
+        self.reasons: dict[int, str] = {}  # why, by slide
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -142,22 +186,62 @@ class SlideTileSource:
         return self._handles[index]
 
     def __getitem__(self, index: int) -> dict:
-        """The record at ``index``; a tile of an unreadable slide is replaced by the next readable one.
+        """The record at ``index``; for a slide that fails, see ``substitute``.
 
         A slide can pass indexing and still fail later (a truncated file, a bad JPEG
-        tile, a lost network mount): one bad slide must not end an epoch, so it is
-        logged once and its tiles are served by the following slides' tiles.
+        tile, a lost network mount); it is logged once and not read again. Each
+        failure marks one more slide unreadable, so the loop ends within
+        ``len(paths)`` rounds: with a tile, or with an error naming every slide.
         """
-        for _ in range(len(self.paths)):
-            while int(self.slide_of[index]) in self.unreadable:
-                index = (index + 1) % len(self)
+        for _ in range(len(self.paths) + 1):  # the last round finds no readable slide and raises
+            index = self._readable_index(index)
             try:
                 return self._read(index)
-            except (OSError, ValueError, openslide.OpenSlideError) as err:
+            except READ_ERRORS as err:
                 s = int(self.slide_of[index])
-                self.unreadable.add(s)
-                log.warning("slide %s became unreadable (%s); its tiles are replaced by others", self.paths[s], err)
-        raise OSError("every slide of this source is unreadable")
+                self._mark_unreadable(s, err)
+                if not self.substitute:
+                    raise self._refusal(s) from err
+        raise OSError(f"every slide of this source is unreadable: {self.describe_unreadable()}")
+
+    def _readable_index(self, index: int) -> int:
+        """``index`` if its slide is readable; else (substituting) the first tile of the next readable slide."""
+        s = int(self.slide_of[index])
+        if s not in self.unreadable:
+            return int(index)
+        if not self.substitute:
+            raise self._refusal(s)
+        for step in range(1, len(self.paths)):
+            t = (s + step) % len(self.paths)
+            if t not in self.unreadable:
+                return int(self._starts[t])
+        raise OSError(f"every slide of this source is unreadable: {self.describe_unreadable()}")
+
+    def _mark_unreadable(self, s: int, err: BaseException) -> None:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if self.paths[s] not in reason:
+            reason = f"{self.paths[s]}: {reason}"
+        self.unreadable.add(s)
+        self.reasons[s] = reason
+        # Its handle is not closed here: grain's threads may be reading it now, and closing an OpenSlide
+        # handle under a read aborts the process (tiffcache assertion). It is never read again.
+        log.warning("slide %s became unreadable (%s); %s", self.paths[s], reason,
+                    "its tiles are replaced by others" if self.substitute else "it is left out of this evaluation")
+
+    def _refusal(self, s: int) -> OSError:
+        return OSError(f"slide unreadable after indexing: {self.reasons[s]}")
+
+    def describe_unreadable(self, limit: int = 5) -> str:
+        """The unreadable slides with their reasons, for an error message (the first ``limit``)."""
+        listed = [self.reasons[s] for s in sorted(self.unreadable)]
+        more = f"; and {len(listed) - limit} more" if len(listed) > limit else ""
+        return "; ".join(listed[:limit]) + more
+
+    def note_dropped(self, reasons: Mapping[int, str]) -> None:
+        """Append the slides (by index) dropped from an evaluation, with why, to ``skipped_csv``."""
+        if self.skipped_csv and reasons:
+            append_skipped(self.skipped_csv, [(self.entries[s], f"unreadable during evaluation: {r}")
+                                              for s, r in sorted(reasons.items())])
 
     def _read(self, index: int) -> dict:
         s = int(self.slide_of[index])

@@ -57,6 +57,13 @@ def _plausible(mpp: float | None, source: str, name: str) -> float | None:
     return None
 
 
+def slide_name(slide) -> str:
+    """The file an OpenSlide handle reads, as a plain path for messages (``repr`` gives
+    ``OpenSlide(PosixPath('...'))``); other slide-like objects fall back to their repr."""
+    filename = getattr(slide, "_filename", None)  # set by openslide.OpenSlide.__init__
+    return os.fspath(filename) if filename is not None else repr(slide)
+
+
 def slide_mpp(slide, *, override: float | None = None) -> Resolution:
     """Level-0 µm/px: override, then OpenSlide's mpp, TIFF resolution tags, objective power (heuristic).
 
@@ -67,7 +74,7 @@ def slide_mpp(slide, *, override: float | None = None) -> Resolution:
         if not (override > 0 and math.isfinite(override)):
             raise ValueError(f"mpp override must be a positive number, got {override!r}")
         return Resolution(float(override), "override")
-    props, name = slide.properties, repr(slide)  # OpenSlide's repr names the file
+    props, name = slide.properties, slide_name(slide)
     mpp = _plausible(_mean_of(props, ("openslide.mpp-x", "openslide.mpp-y")), "openslide.mpp", name)
     if mpp is not None:
         return Resolution(mpp, "openslide.mpp")

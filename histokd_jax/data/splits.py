@@ -180,20 +180,23 @@ def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     teacher_mpp = slides.parse_target(data.teacher_magnification)
     settings = slide_index.IndexSettings(teacher_mpp=teacher_mpp, tile_px=data.teacher_px,
                                          min_tissue=data.min_tissue, overlap=data.tile_overlap)
+    skipped_csv = workdir / "slide_index" / "skipped_slides.csv"
     usable, skipped = slide_index.index_slides(entries, settings=settings, cache_dir=workdir / "slide_index")
     if skipped:
-        logging.getLogger(__name__).warning("%d slide(s) skipped; see %s", len(skipped),
-                                            workdir / "slide_index" / "skipped_slides.csv")
+        logging.getLogger(__name__).warning("%d slide(s) skipped; see %s", len(skipped), skipped_csv)
     labelled = {split: [t for t in usable if t.entry.split == split and t.entry.label] for split in SPLITS}
     unlabeled = [t for t in usable if not t.entry.label] if data.use_unlabeled else []
     missing = [split for split in SPLITS if not labelled[split]]
     if missing:
-        raise ValueError(f"no usable labelled slide left in split(s) {missing} of {path}; "
-                         f"see {workdir / 'slide_index' / 'skipped_slides.csv'}")
-    make = lambda tiles: slide_index.SlideTileSource(  # noqa: E731
-        tiles, class_names=names, teacher_mpp=teacher_mpp, tile_px=data.teacher_px)
-    train, val, test = (make(labelled[split]) for split in SPLITS)
-    full_pool = make(labelled["train"] + unlabeled)
+        raise ValueError(f"no usable labelled slide left in split(s) {missing} of {path}"
+                         f"{_skipped_in(skipped, missing)}; all skipped slides, with reasons: {skipped_csv}")
+    # Training sources replace a slide that breaks after indexing; evaluation sources refuse it, so that
+    # the evaluation drops the slide rather than score another slide's tile under its label.
+    make = lambda tiles, substitute: slide_index.SlideTileSource(  # noqa: E731
+        tiles, class_names=names, teacher_mpp=teacher_mpp, tile_px=data.teacher_px, substitute=substitute,
+        skipped_csv=skipped_csv)
+    train, val, test = (make(labelled[split], substitute=split == "train") for split in SPLITS)
+    full_pool = make(labelled["train"] + unlabeled, substitute=True)
     truth = _synthetic_slide_truth(path.parent, full_pool, names) if data.kind == "synthetic_slides" else None
     pool, pool_truth = distillation_pools(data, full_pool, n_labelled=len(train), truth=truth)
     return DataSplits(
@@ -201,6 +204,15 @@ def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
         counts={"train": len(train), "unlabeled": len(pool) - len(train), "val": len(val), "test": len(test),
                 "slides_used": len(usable), "slides_skipped": len(skipped)},
     )
+
+
+def _skipped_in(skipped: list, splits: list[str], limit: int = 5) -> str:
+    """The skipped slides of ``splits`` with their reasons (the first ``limit``), for an error message."""
+    listed = [f"{entry.path} ({reason})" for entry, reason in skipped if entry.split in splits]
+    if not listed:
+        return " (the manifest lists no labelled slide there)"
+    more = f"; and {len(listed) - limit} more" if len(listed) > limit else ""
+    return ": skipped " + "; ".join(listed[:limit]) + more
 
 
 def distillation_pools(data: ml_collections.ConfigDict, full_pool, *, n_labelled: int, truth) -> tuple[Any, Any]:
