@@ -33,7 +33,7 @@ def run_one(slide: pathlib.Path, factor: int, repeats: int, batch_size: int) -> 
     import numpy as np
 
     from configs import common
-    from histokd_jax import inference, parallel, trainer
+    from histokd_jax import evaluation, inference, parallel, trainer
     from histokd_jax.state import init_params
 
     config = common.get_config()
@@ -41,7 +41,7 @@ def run_one(slide: pathlib.Path, factor: int, repeats: int, batch_size: int) -> 
     model = trainer.make_model(config, num_classes=3)
     mesh = parallel.make_mesh()
     params = parallel.put_replicated(init_params(model, rng=jax.random.key(0), input_px=px), mesh=mesh)
-    eval_fn = trainer.make_eval_fn(model=model, image_key="image", mesh=mesh)
+    eval_fn = evaluation.make_eval_fn(model=model, image_key="image", mesh=mesh)
     predictor = inference.Predictor(
         role=f"f{factor}", class_names=("a", "b", "c"), input_mpp=TEACHER_MPP * factor, input_px=px,
         apply=lambda images: np.asarray(eval_fn(params, parallel.put_batch({"image": images}, mesh=mesh))),

@@ -33,7 +33,7 @@ import openslide
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from histokd_jax import atomic, checkpoint, parallel, report
+from histokd_jax import atomic, checkpoint, evaluation, parallel, report
 from histokd_jax.data import slides
 from histokd_jax.data.splits import resolve_downsample
 from histokd_jax.state import abstract_params
@@ -94,7 +94,7 @@ def load_predictor(checkpoint_dir: str | pathlib.Path, *, model: str = "student"
     mesh = mesh if mesh is not None else parallel.make_mesh()
     params, _ = checkpoint.load_best_params(stage_dir, params_like=abstract_params(net, input_px=input_px), mesh=mesh)
     batch_size = int(math.ceil(batch_size / mesh.size) * mesh.size)
-    eval_fn = trainer.make_eval_fn(model=net, image_key="image", mesh=mesh)
+    eval_fn = evaluation.make_eval_fn(model=net, image_key="image", mesh=mesh)
 
     def apply(images: np.ndarray) -> np.ndarray:
         return np.asarray(eval_fn(params, parallel.put_batch({"image": images}, mesh=mesh)))

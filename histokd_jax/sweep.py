@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from histokd_jax import atomic, metrics, parallel, report
+from histokd_jax import atomic, evaluation, metrics, parallel, report
 from histokd_jax.data import slides
 from histokd_jax.data.splits import resolve_downsample
 
@@ -94,7 +94,7 @@ def images_per_second(config: ml_collections.ConfigDict, *, num_classes: int, in
     batch_size = int(math.ceil(batch_size / mesh.size) * mesh.size)
     model = trainer.make_model(config, num_classes=num_classes)
     params = parallel.put_replicated(init_params(model, rng=jax.random.key(0), input_px=input_px), mesh=mesh)
-    eval_fn = trainer.make_eval_fn(model=model, image_key="image", mesh=mesh)
+    eval_fn = evaluation.make_eval_fn(model=model, image_key="image", mesh=mesh)
     batch = parallel.put_batch({"image": np.zeros((batch_size, input_px, input_px, 3), np.uint8)}, mesh=mesh)
     jax.block_until_ready(eval_fn(params, batch))
     times, start = [], time.perf_counter()

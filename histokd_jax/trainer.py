@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import math
 import pathlib
 import platform
@@ -26,8 +25,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from histokd_jax import atomic, checkpoint, parallel, report, steps, teacher_targets
-from histokd_jax.data.pipeline import eval_batches, eval_units, make_train_loader, scored_mask
+from histokd_jax.data.pipeline import make_train_loader
 from histokd_jax.data.splits import DataSplits, load_splits, view_spec
+from histokd_jax.evaluation import Evaluation, evaluate_split, make_eval_fn
 from histokd_jax.config_checks import check_config, check_teacher_matches, require_finished_teacher
 from histokd_jax.metric_writer import MetricWriter
 from histokd_jax.metrics import classification_metrics
@@ -35,7 +35,6 @@ from histokd_jax.models import COMPUTE_DTYPES, ResNetGN, forward_flops
 from histokd_jax.optim import make_optimizer
 from histokd_jax.state import abstract_params, create_train_state, init_params
 
-log = logging.getLogger(__name__)
 RESULT_KEYS = ("role", "input_px", "downsample", "split", "accuracy", "balanced_accuracy", "macro_f1", "gflops_per_image")
 
 
@@ -94,84 +93,6 @@ def gflops_per_image(model: ResNetGN, *, input_px: int) -> float:
     its convolutions but counts them in the patch matmuls that small convolutions become."""
     return forward_flops(input_px=input_px, widths=tuple(model.widths), blocks_per_stage=tuple(model.blocks_per_stage),
                          num_classes=model.num_classes) / 1e9
-
-
-@dataclasses.dataclass(frozen=True)
-class Evaluation:
-    """What an evaluation scored: the records of the units (slides, or tiles) that read without error."""
-
-    labels: np.ndarray
-    probs: np.ndarray
-    records: np.ndarray  # indices into the source of the scored records, in record order
-    slides: np.ndarray | None  # the slide of each scored record (slide sources), else None
-    dropped: tuple[tuple[str, str], ...] = ()  # (slide, or tile file, reason) left out
-
-    def counts(self) -> dict:
-        """For the result row: how much of the split was scored, and how much was dropped."""
-        if self.slides is None:
-            return {"tiles_scored": int(len(self.labels)), "tiles_dropped": len(self.dropped)}
-        return {"tiles_scored": int(len(self.labels)), "slides_scored": int(len(np.unique(self.slides))),
-                "slides_dropped": len(self.dropped)}
-
-
-def evaluate(
-    params: Any,
-    source,
-    *,
-    model: nn.Module,
-    image_key: str,
-    spec,
-    mesh,
-    batch_size: int,
-    eval_fn: Callable | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, class probabilities) over a whole split, in record order, of the slides that read (``evaluate_split``)."""
-    scored = evaluate_split(params, source, model=model, image_key=image_key, spec=spec, mesh=mesh,
-                            batch_size=batch_size, eval_fn=eval_fn)
-    return scored.labels, scored.probs
-
-
-def evaluate_split(params: Any, source, *, model: nn.Module, image_key: str, spec, mesh, batch_size: int,
-                   eval_fn: Callable | None = None) -> Evaluation:
-    """The split's scores, without the slides that failed to read: a slide that fails during evaluation
-    is dropped whole (also its tiles scored before), logged and listed (``source.note_dropped``), never
-    replaced by another slide's tiles under its own labels. Nothing left to score is an error naming them."""
-    if eval_fn is None:
-        eval_fn = make_eval_fn(model=model, image_key=image_key, mesh=mesh)
-    failed: dict[int, str] = {}
-    probs = []
-    for batch, valid in eval_batches(source, spec=spec, global_batch_size=batch_size, failed=failed):
-        out = parallel.to_host(eval_fn(params, parallel.put_batch(batch, mesh=mesh)))
-        probs.append(out[valid])
-    units, names = eval_units(source)
-    failed_mask = np.zeros(len(source), bool)
-    failed_mask[list(failed)] = True
-    failed_mask = parallel.any_process_each(failed_mask)  # every process drops what any could not read
-    keep = scored_mask(units, failed_mask)
-    reasons = {}  # unit -> the first reason this process saw (another process's failure: see its log)
-    for i in np.flatnonzero(failed_mask):
-        reasons.setdefault(int(units[i]), failed.get(int(i), "unreadable on another process (see its log)"))
-    dropped = tuple((names[u], r) for u, r in sorted(reasons.items()))
-    for name, reason in dropped:
-        log.warning("evaluation: dropped %s (all its tiles): %s", name, reason)
-    if reasons and jax.process_index() == 0 and hasattr(source, "note_dropped"):
-        source.note_dropped(reasons)
-    if not keep.any():
-        listed = "; ".join(f"{n}: {r}" for n, r in dropped[:5]) + (f"; and {len(dropped) - 5} more" if len(dropped) > 5 else "")
-        where = f" (listed in {source.skipped_csv})" if getattr(source, "skipped_csv", None) else ""
-        raise ValueError(f"nothing left to evaluate: the split has {len(source)} records and every one failed "
-                         f"to read{where}: {listed or 'no records'}")
-    slides = np.asarray(names)[units[keep]] if hasattr(source, "slide_of") else None
-    return Evaluation(labels=np.asarray(source.labels())[keep], probs=np.concatenate(probs)[keep],
-                      records=np.flatnonzero(keep), slides=slides, dropped=dropped)
-
-
-def make_eval_fn(*, model: nn.Module, image_key: str, mesh) -> Callable:
-    return jax.jit(
-        functools.partial(steps.eval_step, model=model, image_key=image_key),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=parallel.replicated(mesh),
-    )
 
 
 def _flush(pending: list[dict], *, stage: "Stage", last_step: int, ckpt_dir: pathlib.Path, latest_saved) -> dict:

@@ -333,19 +333,21 @@ code("""
 md("""
     ### Evaluate both on the test tiles
 
-    `trainer.evaluate` jits `steps.eval_step` over the mesh and returns the class probabilities
-    of a whole split, in record order. After so few steps the figures are near chance (1/3);
+    `evaluation.evaluate` jits `steps.eval_step` over the mesh and returns the labels and class
+    probabilities of a whole split, in record order (a slide that fails to read is left out, never
+    replaced). After so few steps the figures are near chance (1/3);
     the point here is the mechanics.
 """)
 
 code("""
+    from histokd_jax import evaluation
     from histokd_jax.metrics import classification_metrics
 
     print(f"{'model':<12}{'input px':>9}{'accuracy':>10}{'balanced':>10}")
     for role, params, image_key, px in (("teacher", teacher_params, "teacher_image", train_spec.teacher_px),
                                         ("student_kd", student_state.params, "student_image", train_spec.student_px)):
-        labels, probs = trainer.evaluate(params, splits.test, model=model, image_key=image_key, spec=eval_spec,
-                                         mesh=mesh, batch_size=config.train.eval_batch_size)
+        labels, probs = evaluation.evaluate(params, splits.test, model=model, image_key=image_key, spec=eval_spec,
+                                            mesh=mesh, batch_size=config.train.eval_batch_size)
         m = classification_metrics(labels, probs)
         print(f"{role:<12}{px:>9}{m['accuracy']:>10.3f}{m['balanced_accuracy']:>10.3f}")
 """)

@@ -105,3 +105,33 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     for stage in ("teacher", "student_kd"):
         for a, b in zip(_best_params(tmp_path / "one" / stage), _best_params(tmp_path / "two" / stage), strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+DECIDE_SCRIPT = """
+import sys
+import jax
+import numpy as np
+from histokd_jax import parallel, runtime
+
+port, pid = sys.argv[1], int(sys.argv[2])
+runtime.init_distributed(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
+# what each process "sees" differs (a shared filesystem that has not caught up): process 0's view is taken
+print("decided", parallel.from_process_0(pid == 0), parallel.from_process_0(7 + pid), flush=True)
+print("dropped", parallel.any_process_each(np.asarray([pid == 0, pid == 1, False])).tolist(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_filesystem_decisions_are_process_0s_on_every_process(tmp_path):
+    """Two processes that see different states (stage finished or not, step 7 or 8) take process 0's."""
+    script = tmp_path / "decide.py"
+    script.write_text(DECIDE_SCRIPT)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO))
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for out in outs:
+        assert "decided True 7" in out and "dropped [True, True, False]" in out

@@ -20,7 +20,7 @@ import pytest
 import tifffile
 
 from configs import demo
-from histokd_jax import parallel, report, trainer
+from histokd_jax import evaluation, parallel, report, trainer
 from histokd_jax.data import manifest, slide_index, slides, splits, synthetic_slides
 from histokd_jax.data.synthetic import CLASS_NAMES
 from histokd_jax.data.views import ViewSpec
@@ -133,7 +133,7 @@ def test_a_slide_broken_after_indexing_is_dropped_whole_from_evaluation(slide_sp
                     read = False
             assert read == reads, (x0, y0)
 
-    scored = trainer.evaluate_split(None, source, model=None, image_key="teacher_image", spec=SPEC,
+    scored = evaluation.evaluate_split(None, source, model=None, image_key="teacher_image", spec=SPEC,
                                     mesh=parallel.make_mesh(), batch_size=8, eval_fn=fake_eval_fn)
 
     labels_by_slide = manifest_labels(path)
@@ -161,7 +161,7 @@ def test_a_slide_broken_after_indexing_is_dropped_whole_from_evaluation(slide_sp
         assert "Corrupt JPEG" in rows[0]["reason"]
 
     # evaluating again (the next validation) gives the same result and lists the slide once
-    again = trainer.evaluate_split(None, source, model=None, image_key="teacher_image", spec=SPEC,
+    again = evaluation.evaluate_split(None, source, model=None, image_key="teacher_image", spec=SPEC,
                                    mesh=parallel.make_mesh(), batch_size=8, eval_fn=fake_eval_fn)
     np.testing.assert_array_equal(again.labels, scored.labels)
     assert len([r for r in skipped_rows(workdir / "slide_index" / "skipped_slides.csv") if r["slide"] == broken]) == 1
@@ -204,7 +204,7 @@ def test_every_test_slide_unreadable_is_a_clear_error_naming_them(slide_splits):
         corrupt_jpeg_tiles(pathlib.Path(p))
     started = time.perf_counter()
     with pytest.raises(ValueError, match="nothing left to evaluate") as error:
-        trainer.evaluate_split(None, source, model=None, image_key="teacher_image", spec=SPEC,
+        evaluation.evaluate_split(None, source, model=None, image_key="teacher_image", spec=SPEC,
                                mesh=parallel.make_mesh(), batch_size=8, eval_fn=fake_eval_fn)
     assert time.perf_counter() - started < 30
     assert all(p in str(error.value) for p in source.paths)
@@ -283,7 +283,7 @@ def test_a_corrupt_folder_tile_is_dropped_from_evaluation_with_its_reason(tmp_pa
         Image.fromarray(np.full((64, 64, 3), 40 * (i + 1), np.uint8)).save(path)
         records.append(sources.TileRecord(str(path), i % 3))
     pathlib.Path(records[2].path).write_bytes(b"not a png")
-    scored = trainer.evaluate_split(None, sources.TileSource(records), model=None, image_key="teacher_image",
+    scored = evaluation.evaluate_split(None, sources.TileSource(records), model=None, image_key="teacher_image",
                                     spec=SPEC, mesh=parallel.make_mesh(), batch_size=4, eval_fn=fake_eval_fn)
     np.testing.assert_array_equal(scored.labels, [0, 1, 0, 1])
     np.testing.assert_array_equal(scored.records, [0, 1, 3, 4])
