@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histokd_jax.data import sources
+from histokd_jax.data import sources, tile_images
 from histokd_jax.data.pipeline import eval_batches, make_train_loader
 from histokd_jax.data.views import ViewSpec, area_downsample
 
@@ -137,7 +137,7 @@ def test_unreadable_tile_names_its_path(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"this is not a png at all" * 10)
     with pytest.raises(OSError, match="broken.png"):
-        sources.load_rgb(str(bad))
+        tile_images.load_rgb(str(bad))
     with pytest.raises(OSError, match=str(bad).replace("\\", "\\\\")):
         sources.TileSource([sources.TileRecord(str(bad), 0)])[0]
 
@@ -148,7 +148,7 @@ def test_alpha_is_composited_on_white(tmp_path):
     rgba[:2, ..., 3] = 255  # top half opaque red-ish, bottom half fully transparent
     path = tmp_path / "alpha.png"
     Image.fromarray(rgba, "RGBA").save(path)
-    rgb = sources.load_rgb(str(path))
+    rgb = tile_images.load_rgb(str(path))
     np.testing.assert_array_equal(rgb[:2], np.broadcast_to([200, 0, 0], (2, 4, 3)))
     np.testing.assert_array_equal(rgb[2:], np.full((2, 4, 3), 255))
 

@@ -43,20 +43,24 @@ def test_bad_slides_are_skipped_with_reasons_and_the_rest_indexed(tmp_path, slid
     white = plain_tiff(tmp_path / "white.tiff", np.full((512, 512, 3), 245, np.uint8), mpp=1.0)
     tissue_like = np.full((512, 512, 3), (200, 120, 180), np.uint8)
     no_mpp = plain_tiff(tmp_path / "nompp.tiff", tissue_like, mpp=None)
+    truncated = tmp_path / "truncated.tiff"  # a copy cut short (an interrupted transfer)
+    whole = slide_set[0].path.read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 3])
     bad = [entry(tmp_path / "missing.svs", 90), entry(corrupt, 91), entry(text, 92), entry(white, 93),
-           entry(no_mpp, 94)]
+           entry(no_mpp, 94), entry(truncated, 95)]
     usable, skipped = slide_index.index_slides([*slide_set, *bad], settings=SETTINGS, cache_dir=tmp_path / "cache",
                                                show_progress=False)
     assert [t.entry for t in usable] == slide_set
     reasons = {e.line: r for e, r in skipped}
-    assert sorted(reasons) == [90, 91, 92, 93, 94]
+    assert sorted(reasons) == [90, 91, 92, 93, 94, 95]
     assert "not found" in reasons[90]
     assert "cannot read" in reasons[91] and "cannot read" in reasons[92]
     assert "no tissue" in reasons[93]
     assert "override" in reasons[94]
+    assert str(truncated) in reasons[95] and "cannot read" in reasons[95], reasons[95]
     with open(tmp_path / "cache" / "skipped_slides.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [int(r["line"]) for r in rows] == [90, 91, 92, 93, 94] and all(r["reason"] for r in rows)
+    assert [int(r["line"]) for r in rows] == [90, 91, 92, 93, 94, 95] and all(r["reason"] for r in rows)
 
     # The same slide with an mpp override in the manifest is usable.
     usable, skipped = slide_index.index_slides([entry(no_mpp, 95, mpp=1.0)], settings=SETTINGS,

@@ -19,7 +19,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from histokd_jax.data.sources import composite_on_white
+from histokd_jax.data.tile_images import composite_on_white
 from histokd_jax.data.views import area_downsample
 from histokd_jax.units import magnification_to_mpp, resolution_to_mpp
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from histokd_jax.data import sources
+from histokd_jax.data import sources, tile_images
 
 SKIP_SPLITS = ("unlabeled",)  # folders of a tile root that are not labelled splits
 
@@ -40,7 +40,7 @@ def _to_rgb(image) -> np.ndarray:
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     elif image.shape[-1] == 4:
-        image = sources.composite_on_white(image)
+        image = tile_images.composite_on_white(image)
     return np.ascontiguousarray(image, dtype=np.uint8)
 
 

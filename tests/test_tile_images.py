@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from histokd_jax.data import sources
+from histokd_jax.data import sources, tile_images
 from histokd_jax.data import splits as splits_lib
 from tests.tiny import tiny_config
 
@@ -45,7 +45,7 @@ def test_16_bit_grayscale_png_and_big_endian_tiff_are_scaled_not_clipped(tmp_pat
     big.save(tmp_path / "g16b.tif")
     assert Image.open(tmp_path / "g16.png").mode == "I;16" and Image.open(tmp_path / "g16b.tif").mode == "I;16B"
     for name in ("g16.png", "g16b.tif"):
-        got = sources.load_rgb(str(tmp_path / name))
+        got = tile_images.load_rgb(str(tmp_path / name))
         assert got.dtype == np.uint8
         np.testing.assert_array_equal(got, gray3(scale16(gray)))
 
@@ -55,15 +55,15 @@ def test_48_bit_rgb_tiff_is_scaled_from_all_16_bits(tmp_path, planar):
     rgb = edge_values16((20, 24, 3))
     data = rgb if planar == "contig" else np.moveaxis(rgb, -1, 0)
     tifffile.imwrite(tmp_path / "rgb48.tif", data, photometric="rgb", planarconfig=planar)
-    np.testing.assert_array_equal(sources.load_rgb(str(tmp_path / "rgb48.tif")), scale16(rgb))
+    np.testing.assert_array_equal(tile_images.load_rgb(str(tmp_path / "rgb48.tif")), scale16(rgb))
 
 
 def test_16_bit_rgb_and_rgba_png_are_scaled_from_all_16_bits(tmp_path):
     rgba = edge_values16((20, 24, 4))
     (tmp_path / "rgb.png").write_bytes(imagecodecs.png_encode(np.ascontiguousarray(rgba[..., :3])))
     (tmp_path / "rgba.png").write_bytes(imagecodecs.png_encode(rgba))
-    np.testing.assert_array_equal(sources.load_rgb(str(tmp_path / "rgb.png")), scale16(rgba[..., :3]))
-    np.testing.assert_array_equal(sources.load_rgb(str(tmp_path / "rgba.png")),
+    np.testing.assert_array_equal(tile_images.load_rgb(str(tmp_path / "rgb.png")), scale16(rgba[..., :3]))
+    np.testing.assert_array_equal(tile_images.load_rgb(str(tmp_path / "rgba.png")),
                                   on_white(rgba[..., :3], rgba[..., 3], top=65535.0))
 
 
@@ -75,9 +75,9 @@ def test_palette_tiles_with_and_without_transparency(tmp_path):
     image.putpalette(palette.ravel().tolist())
     image.save(tmp_path / "p.png")
     image.save(tmp_path / "p_trns.png", transparency=0)  # index 0 fully transparent
-    np.testing.assert_array_equal(sources.load_rgb(str(tmp_path / "p.png")), palette[index])
+    np.testing.assert_array_equal(tile_images.load_rgb(str(tmp_path / "p.png")), palette[index])
     want = np.where((index == 0)[..., None], 255, palette[index]).astype(np.uint8)
-    np.testing.assert_array_equal(sources.load_rgb(str(tmp_path / "p_trns.png")), want)
+    np.testing.assert_array_equal(tile_images.load_rgb(str(tmp_path / "p_trns.png")), want)
 
 
 def test_grayscale_with_and_without_alpha(tmp_path):
@@ -85,8 +85,8 @@ def test_grayscale_with_and_without_alpha(tmp_path):
     alpha = RNG.integers(0, 256, (16, 16), dtype=np.uint8)
     Image.fromarray(gray, "L").save(tmp_path / "l.png")
     Image.fromarray(np.stack([gray, alpha], -1), "LA").save(tmp_path / "la.png")
-    np.testing.assert_array_equal(sources.load_rgb(str(tmp_path / "l.png")), gray3(gray))
-    np.testing.assert_array_equal(sources.load_rgb(str(tmp_path / "la.png")), on_white(gray3(gray), alpha))
+    np.testing.assert_array_equal(tile_images.load_rgb(str(tmp_path / "l.png")), gray3(gray))
+    np.testing.assert_array_equal(tile_images.load_rgb(str(tmp_path / "la.png")), on_white(gray3(gray), alpha))
 
 
 def test_cmyk_is_converted_by_the_subtractive_formula(tmp_path):
@@ -94,7 +94,7 @@ def test_cmyk_is_converted_by_the_subtractive_formula(tmp_path):
     Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tif")
     c, k = cmyk[..., :3].astype(np.float64) / 255, cmyk[..., 3:].astype(np.float64) / 255
     want = 255 * (1 - c) * (1 - k)
-    got = sources.load_rgb(str(tmp_path / "cmyk.tif")).astype(np.float64)
+    got = tile_images.load_rgb(str(tmp_path / "cmyk.tif")).astype(np.float64)
     assert np.abs(got - want).max() <= 1.0  # PIL's integer arithmetic rounds within one level
 
 
@@ -108,9 +108,9 @@ def test_modes_that_cannot_become_rgb_are_refused_naming_the_file(tmp_path, kind
     else:
         tifffile.imwrite(path, edge_values16((16, 16, 4)), photometric="separated")
     with pytest.raises(OSError, match=f"{kind}.tif.*cannot be converted"):
-        sources.load_rgb(str(path))
+        tile_images.load_rgb(str(path))
     with pytest.raises(ValueError, match=f"{kind}.tif.*cannot be converted"):
-        sources.check_tiles([str(path)], min_px=None, what="a test")
+        tile_images.check_tiles([str(path)], min_px=None, what="a test")
 
 
 def tile_folder(root: pathlib.Path, sizes: dict[str, int]) -> None:
@@ -134,9 +134,9 @@ def test_tiles_smaller_than_the_teacher_crop_are_an_error_at_scan_time(tmp_path)
 def test_a_tile_the_sample_missed_still_fails_with_its_name(tmp_path):
     tile_folder(tmp_path, {f"train/t{i}": 64 for i in range(5)} | {"train/t2": 40})
     paths = [str(p) for p in sorted((tmp_path / "train" / "a").iterdir())]
-    sources.check_tiles(paths, min_px=64, what="a test", max_checked=2)  # checks t0 and t4 only
+    tile_images.check_tiles(paths, min_px=64, what="a test", max_checked=2)  # checks t0 and t4 only
     with pytest.raises(ValueError, match="t2.png is 40x40 px, smaller than the teacher crop"):
-        sources.check_tiles(paths, min_px=64, what="a test", max_checked=5)
+        tile_images.check_tiles(paths, min_px=64, what="a test", max_checked=5)
     source = sources.TileSource([sources.TileRecord(p, 0) for p in paths], min_px=64)
     assert source[0]["image"].shape == (64, 64, 3)
     with pytest.raises(ValueError, match="t2.png is 40x40 px"):
