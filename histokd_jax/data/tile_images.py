@@ -25,15 +25,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 MAX_HEADERS_CHECKED = 20_000
 
 
-def _png_bit_depth(path: str) -> int:
-    """Bits per sample of a PNG, from its IHDR chunk (PIL decodes 16-bit RGB(A) PNGs to 8 bits by
-    dropping the low byte, and does not say so)."""
-    with open(path, "rb") as handle:
-        head = handle.read(25)
-    return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 8
-
-
-def _decoder(image: Image.Image, path: str) -> str:
+def _decoder(image: Image.Image) -> str:
     """How a tile is decoded: "pil", "tiff16" (tifffile) or "png16" (imagecodecs); ValueError for a mode
     that cannot become RGB. Reads headers only."""
     if image.mode in SIXTEEN_BIT_MODES:
@@ -43,8 +35,8 @@ def _decoder(image: Image.Image, path: str) -> str:
                          f"{', '.join(PIL_RGB_MODES + SIXTEEN_BIT_MODES)}, 16-bit RGB TIFF/PNG)")
     if image.format == "TIFF" and max(image.tag_v2.get(258, (8,))) > 8:
         return "tiff16"
-    if image.format == "PNG" and _png_bit_depth(path) > 8:
-        return "png16"
+    if image.format == "PNG" and any(";16" in str(tile[3]) for tile in image.tile):
+        return "png16"  # PIL would decode 16-bit RGB(A) PNGs to 8 bits by dropping the low byte, silently
     return "pil"
 
 
@@ -60,7 +52,7 @@ def _tiff16_page(tif):
 def tile_size(path: str) -> tuple[int, int]:
     """(width, height) of a tile from its header; ValueError/OSError naming why it cannot be used."""
     with Image.open(path) as image:
-        decoder = _decoder(image, path)
+        decoder = _decoder(image)
         if decoder == "tiff16":
             import tifffile
 
@@ -130,7 +122,7 @@ def load_rgb(path: str) -> np.ndarray:
     """Decode an image file to uint8 RGB HWC (see the module docstring for the modes converted)."""
     try:
         with Image.open(path) as image:
-            decoder = _decoder(image, path)
+            decoder = _decoder(image)
             if decoder == "pil":
                 return image_to_rgb(image)
         if decoder == "tiff16":
