@@ -224,7 +224,7 @@ def write_teacher(params: Any, folder: str | pathlib.Path, *, config: Any, sourc
     """
     import orbax.checkpoint as ocp
 
-    from histokd_jax import checkpoint
+    from histokd_jax import atomic, checkpoint
 
     folder = pathlib.Path(folder).absolute()
     if folder.exists() and any(folder.iterdir()):
@@ -237,13 +237,13 @@ def write_teacher(params: Any, folder: str | pathlib.Path, *, config: Any, sourc
         ))
         manager.wait_until_finished()
     record = {"role": "teacher", "input_px": input_px, "downsample": 1, "imported_from": source}
-    (folder / "result.json").write_text(json.dumps(record, indent=2))
+    atomic.write_json(folder / "result.json", record)  # marks the teacher finished: never half written
     run_file = folder.parent / "run.json"
     if not run_file.exists():
         run = {"teacher_px": input_px, "imported_from": source}
         if config.data.class_names:
             run["class_names"] = list(config.data.class_names)
-        run_file.write_text(json.dumps(run, indent=2))
+        atomic.write_json(run_file, run)
     return folder
 
 
