@@ -10,9 +10,11 @@ renamed into place: a rename within one filesystem is atomic.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pathlib
+import stat
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -37,6 +39,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         raise ValueError(f"atomic_open writes whole files: mode must start with 'w', got {mode!r}")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
+    permissions = stat.S_IMODE(path.stat().st_mode) if path.exists() else _FILE_MODE  # a rewrite keeps them
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)  # reopened by name: writers that want a named file (tifffile) accept the handle
     try:
@@ -44,7 +49,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, permissions)
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)

@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh
 
-from histokd_jax.parallel import any_process, replicated
+from histokd_jax.parallel import on_process_0, replicated
 
 # "identity": what the stage's result depends on beyond its config (the training data's and the teacher's
 # fingerprints), compared before a resume; checkpoints written before it existed have none.
@@ -78,16 +78,9 @@ def set_aside_incomplete_steps(directory: pathlib.Path) -> list[pathlib.Path]:
     """Clear unfinished step directories out of orbax's way (see the module docstring): finish deleting
     those older than the last complete step, rename newer ones to ``<step>.incomplete``. Returns the
     directories moved aside. Only process 0 changes anything; every process waits until it has."""
-    moved, error = [], None
-    if jax.process_index() == 0 and directory.is_dir():
-        try:
-            moved = _set_aside(directory)
-        except OSError as e:  # re-raised below, once every process knows
-            error = e
-    if any_process(error is not None):  # also the barrier: the others wait here for process 0
-        raise error if error is not None else RuntimeError(
-            f"process 0 could not clear unfinished checkpoints out of {directory}; its log says why")
-    return moved
+    moved = on_process_0(lambda: _set_aside(directory) if directory.is_dir() else [],
+                         what=f"clearing unfinished checkpoints out of {directory}")
+    return moved or []
 
 
 def _set_aside(directory: pathlib.Path) -> list[pathlib.Path]:

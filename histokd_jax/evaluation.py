@@ -21,6 +21,7 @@ import numpy as np
 
 from histokd_jax import parallel, steps
 from histokd_jax.data.pipeline import eval_batches, eval_units, scored_mask
+from histokd_jax.messages import listed
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +78,19 @@ def evaluate_split(params: Any, source, *, model: nn.Module, image_key: str, spe
     failed_mask[list(failed)] = True
     failed_mask = parallel.any_process_each(failed_mask)  # every process drops what any could not read
     keep = scored_mask(units, failed_mask)
-    reasons = {}  # unit -> the first reason this process saw (another process's failure: see its log)
-    for i in np.flatnonzero(failed_mask):
-        reasons.setdefault(int(units[i]), failed.get(int(i), "unreadable on another process (see its log)"))
+    reasons = {int(units[i]): reason for i, reason in sorted(failed.items(), reverse=True)}  # this process's first
+    for i in np.flatnonzero(failed_mask):  # what only another process could not read: see its log
+        reasons.setdefault(int(units[i]), "unreadable on another process (see its log)")
     dropped = tuple((names[u], r) for u, r in sorted(reasons.items()))
     for name, reason in dropped:
         log.warning("evaluation: dropped %s (all its tiles): %s", name, reason)
     if reasons and jax.process_index() == 0 and hasattr(source, "note_dropped"):
         source.note_dropped(reasons)
     if not keep.any():
-        listed = "; ".join(f"{n}: {r}" for n, r in dropped[:5]) + (f"; and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        names_and_reasons = listed([f"{n}: {r}" for n, r in dropped])
         where = f" (listed in {source.skipped_csv})" if getattr(source, "skipped_csv", None) else ""
         raise ValueError(f"nothing left to evaluate: the split has {len(source)} records and every one failed "
-                         f"to read{where}: {listed or 'no records'}")
+                         f"to read{where}: {names_and_reasons or 'no records'}")
     slides = np.asarray(names)[units[keep]] if hasattr(source, "slide_of") else None
     return Evaluation(labels=np.asarray(source.labels())[keep], probs=np.concatenate(probs)[keep],
                       records=np.flatnonzero(keep), slides=slides, dropped=dropped)

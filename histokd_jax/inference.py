@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from histokd_jax import atomic, checkpoint, evaluation, parallel, report
 from histokd_jax.data import slides
 from histokd_jax.data.splits import resolve_downsample
+from histokd_jax.messages import first_line
 from histokd_jax.state import abstract_params
 
 log = logging.getLogger(__name__)
@@ -300,6 +301,10 @@ def _slide_key(path: str | pathlib.Path) -> str:
     return str(pathlib.Path(path).expanduser().resolve())
 
 
+# Files of the run itself in --out (skipped_slides.csv, summary.json): a slide of that stem is named by its hash.
+RESERVED_NAMES = ("skipped_slides", "summary")
+
+
 def hashed_name(path: str | pathlib.Path) -> str:
     """``<stem>-<8 hex digits of the SHA-256 of the resolved path>``: the name of a slide whose stem clashes."""
     return f"{pathlib.Path(path).stem}-{hashlib.sha256(_slide_key(path).encode()).hexdigest()[:8]}"
@@ -333,7 +338,8 @@ def output_names(paths: Sequence[str | pathlib.Path], *, out_dir: str | pathlib.
             names.append(hashed)
         elif plain_owner == key:
             names.append(plain)
-        elif slides_per_stem[plain.casefold()] > 1 or (out_dir / f"{plain}.json").exists():
+        elif (slides_per_stem[plain.casefold()] > 1 or (out_dir / f"{plain}.json").exists()
+              or plain.casefold() in RESERVED_NAMES):
             names.append(hashed)
         else:
             names.append(plain)
@@ -361,7 +367,7 @@ def predict_slides(entries: Sequence[tuple[pathlib.Path, float | None, str | Non
             summaries.append(predict_slide(path, predictor=predictor, out_dir=out_dir, mpp=mpp, label=label,
                                            name=name, **kwargs))
         except (OSError, ValueError, openslide.OpenSlideError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = first_line(err)
             log.warning("skipping slide %s: %s", path, reason)
             skipped.append((str(path), reason))
     with atomic.atomic_open(out_dir / "skipped_slides.csv", "w", newline="") as handle:

@@ -104,9 +104,10 @@ def any_process_each(mask: np.ndarray) -> np.ndarray:
     return np.any(multihost_utils.process_allgather(mask.astype(np.int32)), axis=0)
 
 
-def process_0_first(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on process 0, then, after a barrier, on the others: what process 0 writes (generated demo
-    data, slide-index caches on a shared filesystem) is then found by the others instead of raced for."""
+def on_process_0(fn: Callable[[], Any], *, what: str = "its work") -> Any:
+    """``fn()`` on process 0 alone (None elsewhere); its exception is raised on every process. A check
+    or a change of the filesystem is then made once, and no process goes on into a collective that
+    another has left. It is also a barrier: the others wait here for process 0."""
     if jax.process_count() == 1:
         return fn()
     out, error = None, None
@@ -115,8 +116,15 @@ def process_0_first(fn: Callable[[], Any]) -> Any:
             out = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
             error = e
-    if any_process(error is not None):  # also the barrier: the others wait here for process 0
+    if any_process(error is not None):
         if error is not None:
             raise error
-        raise RuntimeError("process 0 failed while preparing the data; its log says why")
+        raise RuntimeError(f"process 0 failed in {what}; its log says why")
+    return out
+
+
+def process_0_first(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on process 0, then, after a barrier, on the others: what process 0 writes (generated demo
+    data, slide-index caches on a shared filesystem) is then found by the others instead of raced for."""
+    out = on_process_0(fn, what="preparing the data")
     return out if jax.process_index() == 0 else fn()

@@ -147,8 +147,9 @@ def run_stage(
     manager = checkpoint.make_manager(stage_dir / "checkpoints", keep=train.keep_checkpoints)
     identity = stage_identity(stage)
     resume_step = parallel.from_process_0(-1 if manager.latest_step() is None else manager.latest_step())
-    if resume_step >= 0:  # checked before any data is prepared (a target cache) or restored
-        _check_resumable(manager, resume_step, stage=stage, config=config, identity=identity)
+    if resume_step >= 0:  # checked (by process 0, for all) before any data is prepared (a target cache) or restored
+        parallel.on_process_0(lambda: _check_resumable(manager, resume_step, stage=stage, config=config,
+                                                       identity=identity), what="checking the checkpoint")
     iterator = iter(
         make_train_loader(
             stage.prepare_source(stage.train_source, mesh=mesh, stage_dir=stage_dir) if stage.prepare_source
@@ -163,8 +164,8 @@ def run_stage(
     if resume_step >= 0:
         restored = _restore(manager, resume_step, stage=stage, state=state, iterator=iterator, mesh=mesh)
         state, best_params, best = restored["state"], restored["best"], restored["meta"]
-        writer.forget_after(stage.role, int(state.step))  # the steps since the checkpoint are redone
         say(f"{stage.role}: resuming from step {int(state.step)} of {cfg.steps}")
+    writer.forget_after(stage.role, int(state.step))  # what an interrupted run logged after that step is redone
 
     repl, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     extra = () if stage.teacher_params is None else (stage.teacher_params,)
@@ -286,7 +287,9 @@ def save_test_predictions(stage_dir: pathlib.Path, *, scored: Evaluation, splits
 
 
 # Fields that may change between an interrupted run and its resumption without changing the result.
-RESUME_FREE_FIELDS = ("data.root", "data.tfds_data_dir", "teacher.checkpoint", "train.progress", "stages")
+# The data's own identity (its records) is compared instead of where it lies.
+RESUME_FREE_FIELDS = ("data.root", "data.manifest", "data.tfds_data_dir", "teacher.checkpoint", "train.progress",
+                      "stages")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -305,7 +308,6 @@ def _check_resumable(manager, step: int, *, stage: Stage, config: ml_collections
     teachers would give a model that neither run describes; name what changed
     instead, so the user reruns with the old values or starts a new workdir.
     """
-    _check_same_identity(checkpoint.load_identity(manager, step), identity, stage=stage, where=manager.directory)
     saved = _flat(checkpoint.load_config(manager, step))
     current = _flat(json.loads(config.to_json()))
     relevant = ("seed", "model.", "data.", f"{stage.section}.", "train.select_metric")
@@ -320,10 +322,12 @@ def _check_resumable(manager, step: int, *, stage: Stage, config: ml_collections
             f"{stage.role}: the checkpoint in {manager.directory} was made with other settings ({shown}). "
             "Rerun with the old values to resume, or use a new --workdir."
         )
+    # the settings first: a changed data.* setting is named as such rather than as changed records
+    _check_same_identity(checkpoint.load_identity(manager, step), identity, stage=stage, where=manager.directory)
 
 
 def _check_same_identity(saved: dict | None, current: dict, *, stage: Stage, where) -> None:
-    if saved is None:  # a checkpoint from before identities were saved: grain still checks the data
+    if saved is None:  # a checkpoint from before identities were saved: grain's own check of the source refuses it
         return
     what = {"data": "the training data changed (other records, labels or order)",
             "teacher": "the teacher changed (its parameters differ; teacher.checkpoint or the workdir's teacher)"}

@@ -65,3 +65,40 @@ def test_only_whole_file_writes_are_accepted(tmp_path):
     with pytest.raises(ValueError, match="mode must start with 'w'"):
         with atomic.atomic_open(tmp_path / "x", "a"):
             pass
+
+
+KILLED_WRITER = """
+import sys, time
+from histokd_jax import atomic
+with atomic.atomic_open(sys.argv[1], "w") as handle:
+    handle.write("half of the new ")
+    handle.flush()
+    print("writing", flush=True)
+    time.sleep(60)  # SIGKILLed here, mid-write
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_file_and_the_next_write_cleans_up(tmp_path):
+    import os
+    import pathlib
+    import signal
+    import stat
+    import subprocess
+    import sys
+
+    target = tmp_path / "result.json"
+    target.write_text("old")
+    os.chmod(target, 0o640)  # chosen by the user: a rewrite keeps it
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.read_text() == "old"  # never half a file
+    left = [p.name for p in tmp_path.iterdir() if p.name != target.name]
+    assert len(left) == 1 and left[0].startswith(".result.json.") and left[0].endswith(".partial")
+    atomic.write_text(target, "new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # the killed writer's temporary file is gone
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640

@@ -118,6 +118,13 @@ runtime.init_distributed(coordinator_address=f"localhost:{port}", num_processes=
 # what each process "sees" differs (a shared filesystem that has not caught up): process 0's view is taken
 print("decided", parallel.from_process_0(pid == 0), parallel.from_process_0(7 + pid), flush=True)
 print("dropped", parallel.any_process_each(np.asarray([pid == 0, pid == 1, False])).tolist(), flush=True)
+# a check that only process 0 makes (the teacher's folder, the checkpoint's metadata) stops every process
+def refuse():
+    raise ValueError("refused on process 0")
+try:
+    parallel.on_process_0(refuse, what="checking the checkpoint")
+except (ValueError, RuntimeError) as err:
+    print("stopped", type(err).__name__, err, flush=True)
 """
 
 
@@ -135,3 +142,5 @@ def test_filesystem_decisions_are_process_0s_on_every_process(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     for out in outs:
         assert "decided True 7" in out and "dropped [True, True, False]" in out
+    assert "stopped ValueError refused on process 0" in outs[0]
+    assert "stopped RuntimeError process 0 failed in checking the checkpoint" in outs[1]

@@ -254,3 +254,18 @@ def read_csv_classes(path: pathlib.Path, classes) -> tuple[np.ndarray, np.ndarra
         rows = list(csv.DictReader(handle))
     rects = np.array([[int(r[k]) for k in ("minx", "miny", "width", "height")] for r in rows])
     return rects, np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+
+
+def test_a_slide_named_like_the_runs_own_files_does_not_overwrite_them(tmp_path):
+    """skipped_slides.csv and summary.json are the run's: slides of those stems get hashed names."""
+    clash = plain_slide(tmp_path / "skipped_slides.tiff", (215, 95, 160), seed=1)
+    summary = plain_slide(tmp_path / "summary.tiff", (70, 130, 200), seed=2)
+    out, calls = tmp_path / "out", []
+    done, _ = inference.predict_slides([(clash, None, None), (summary, None, None),
+                                        (tmp_path / "gone.svs", None, None)],
+                                       predictor=redness_predictor(calls), out_dir=out, show_progress=False)
+    assert [s["name"] for s in done] == [inference.hashed_name(clash), inference.hashed_name(summary)]
+    with open(out / "skipped_slides.csv", newline="") as handle:  # the run's list, not a slide's tiles
+        assert [r["slide"] for r in csv.DictReader(handle)] == [str(tmp_path / "gone.svs")]
+    _, probs = read_csv_classes(out / f"{inference.hashed_name(clash)}.csv", ("pink", "blue"))
+    assert (probs[:, 0] > 0.5).all()

@@ -120,7 +120,7 @@ def test_a_slide_that_breaks_after_indexing_does_not_end_the_epoch(tmp_path, sli
     first_slide_tiles = int(np.sum(source.slide_of == 0))
     element = source[0]
     assert element["image"].shape == (64, 64, 3)
-    assert source.unreadable == {0}
+    assert set(source.reasons) == {0}
     # the replacement is the first tile of the second slide, read independently
     with slides.open_slide(copies[1].path) as slide:
         x0, y0 = source.coords[first_slide_tiles]

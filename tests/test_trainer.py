@@ -134,6 +134,26 @@ def test_resume_with_other_settings_is_refused(tmp_path, data_root):
         trainer.train_and_evaluate(config, tmp_path)
 
 
+def test_a_stage_restarted_from_scratch_logs_each_step_once(tmp_path, data_root):
+    """A crash before the first checkpoint: the rerun starts the stage again, and metrics.jsonl forgets
+    what the crashed run logged."""
+    config = tiny_config(data_root)
+    config.stages, config.train.checkpoint_every_steps, config.teacher.eval_every_steps = ("teacher",), 1000, 1000
+
+    def crash(role, step):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return False
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train_and_evaluate(config, tmp_path, should_stop=crash)
+    assert not (tmp_path / "teacher" / "checkpoints").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "teacher" / "checkpoints").iterdir())
+    assert trainer.train_and_evaluate(config, tmp_path) is not None
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "teacher/train"] == list(range(1, config.teacher.steps + 1))
+
+
 def test_resume_with_another_selection_metric_is_refused(tmp_path, data_root):
     config = tiny_config(data_root)
     config.stages = ("teacher",)

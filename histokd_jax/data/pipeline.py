@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from histokd_jax.data.views import TrainViews, ViewSpec, make_views
+from histokd_jax.messages import first_line
 
 
 class BatchIterator:
@@ -145,7 +146,7 @@ def _eval_views(source, index: int, *, spec: ViewSpec, failed: dict[int, str] | 
         try:
             return make_views(source[index], spec=spec, rng=None)
         except OSError as err:
-            failed[index] = str(err).splitlines()[0] if str(err) else type(err).__name__
+            failed[index] = first_line(err)
     blank = {"image": np.full((spec.teacher_px, spec.teacher_px, 3), 255, np.uint8), "label": 0, "has_label": False}
     return make_views(blank, spec=spec, rng=None)
 

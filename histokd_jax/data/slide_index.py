@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import openslide
 from tqdm.auto import tqdm
 
 from histokd_jax import atomic
+from histokd_jax.messages import first_line, listed
 from histokd_jax.data import slides
 from histokd_jax.data.manifest import SlideEntry
 from histokd_jax.data.sources import UNLABELED, digest, relative_paths
@@ -32,6 +34,7 @@ from histokd_jax.data.sources import UNLABELED, digest, relative_paths
 log = logging.getLogger(__name__)
 
 SKIPPED_COLUMNS = ("slide", "label", "split", "line", "reason")
+EVALUATION_DROP = "unreadable during evaluation: "  # the reason of a slide dropped from an evaluation
 # What a slide read can raise: missing/unsupported files (OSError/ValueError from slides.open_slide) and
 # OpenSlide's own errors from decoding (a corrupt JPEG tile), which are neither.
 READ_ERRORS = (OSError, ValueError, openslide.OpenSlideError)
@@ -107,15 +110,25 @@ def index_slides(
         try:
             usable.append(index_slide(entry, settings=settings, cache_dir=cache_dir))
         except READ_ERRORS as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = first_line(err)
             log.warning("skipping slide %s (manifest line %d): %s", entry.path, entry.line, reason)
             skipped.append((entry, reason))
-    _write_skipped(cache_dir / "skipped_slides.csv", [_skipped_row(e, r) for e, r in skipped])
+    csv_path = cache_dir / "skipped_slides.csv"
+    # rows of slides an earlier run dropped from an evaluation stay: that stage may not evaluate again
+    dropped_earlier = [row for row in _read_skipped(csv_path) if row[-1].startswith(EVALUATION_DROP)]
+    _write_skipped(csv_path, [_skipped_row(e, r) for e, r in skipped] + dropped_earlier)
     return usable, skipped
 
 
 def _skipped_row(entry: SlideEntry, reason: str) -> list[str]:
     return [str(entry.path), entry.label or "", entry.split, str(entry.line), reason]
+
+
+def _read_skipped(path: pathlib.Path) -> list[list[str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [row for row in csv.reader(handle)][1:]
 
 
 def _write_skipped(path: pathlib.Path, rows: Sequence[Sequence[str]]) -> None:
@@ -129,10 +142,7 @@ def append_skipped(path: str | pathlib.Path, skipped: Sequence[tuple[SlideEntry,
     """Add rows to a ``skipped_slides.csv`` (rewritten atomically); a row already there is not repeated,
     so a slide dropped at every validation is listed once."""
     path = pathlib.Path(path)
-    rows = []
-    if path.exists():
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = [row for row in csv.reader(handle)][1:]
+    rows = _read_skipped(path)
     new = [row for row in (_skipped_row(e, r) for e, r in skipped) if row not in rows]
     if new:
         _write_skipped(path, rows + new)
@@ -171,8 +181,7 @@ class SlideTileSource:
         self.substitute = substitute
         self.skipped_csv = None if skipped_csv is None else str(skipped_csv)
         self._handles: dict[int, object] = {}
-        self.unreadable: set[int] = set()  # slides that failed while reading, in this process
-        self.reasons: dict[int, str] = {}  # why, by slide
+        self.reasons: dict[int, str] = {}  # slides that failed while reading, in this process, and why
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -202,26 +211,25 @@ class SlideTileSource:
                 self._mark_unreadable(s, err)
                 if not self.substitute:
                     raise self._refusal(s) from err
-        raise OSError(f"every slide of this source is unreadable: {self.describe_unreadable()}")
+        raise AssertionError("unreachable: _readable_index raises once every slide is unreadable")
 
     def _readable_index(self, index: int) -> int:
         """``index`` if its slide is readable; else (substituting) the first tile of the next readable slide."""
         s = int(self.slide_of[index])
-        if s not in self.unreadable:
+        if s not in self.reasons:
             return int(index)
         if not self.substitute:
             raise self._refusal(s)
         for step in range(1, len(self.paths)):
             t = (s + step) % len(self.paths)
-            if t not in self.unreadable:
+            if t not in self.reasons:
                 return int(self._starts[t])
         raise OSError(f"every slide of this source is unreadable: {self.describe_unreadable()}")
 
     def _mark_unreadable(self, s: int, err: BaseException) -> None:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         if self.paths[s] not in reason:
             reason = f"{self.paths[s]}: {reason}"
-        self.unreadable.add(s)
         self.reasons[s] = reason
         # Its handle is not closed here: grain's threads may be reading it now, and closing an OpenSlide
         # handle under a read aborts the process (tiffcache assertion). It is never read again.
@@ -231,16 +239,14 @@ class SlideTileSource:
     def _refusal(self, s: int) -> OSError:
         return OSError(f"slide unreadable after indexing: {self.reasons[s]}")
 
-    def describe_unreadable(self, limit: int = 5) -> str:
-        """The unreadable slides with their reasons, for an error message (the first ``limit``)."""
-        listed = [self.reasons[s] for s in sorted(self.unreadable)]
-        more = f"; and {len(listed) - limit} more" if len(listed) > limit else ""
-        return "; ".join(listed[:limit]) + more
+    def describe_unreadable(self) -> str:
+        """The unreadable slides with their reasons, for an error message."""
+        return listed([self.reasons[s] for s in sorted(self.reasons)])
 
     def note_dropped(self, reasons: Mapping[int, str]) -> None:
         """Append the slides (by index) dropped from an evaluation, with why, to ``skipped_csv``."""
         if self.skipped_csv and reasons:
-            append_skipped(self.skipped_csv, [(self.entries[s], f"unreadable during evaluation: {r}")
+            append_skipped(self.skipped_csv, [(self.entries[s], f"{EVALUATION_DROP}{r}")
                                               for s, r in sorted(reasons.items())])
 
     def _read(self, index: int) -> dict:
@@ -259,10 +265,14 @@ class SlideTileSource:
     def labels(self) -> np.ndarray:
         return self.tile_labels
 
-    def __repr__(self) -> str:  # by content (see data/sources.py): grain compares it when a loader resumes
+    @functools.cached_property
+    def identity(self) -> str:  # by content (see data/sources.py), once: grain asks for it at every checkpoint
         settings = np.asarray([self.teacher_mpp, self.tile_px, self.student_mpp or 0.0], np.float64)
         records = digest(relative_paths(self.paths), self.mpps, self.slide_of, self.coords, self.tile_labels, settings)
         return f"SlideTileSource({len(self.paths)} slides, {len(self)} tiles, {records})"
+
+    def __repr__(self) -> str:
+        return self.identity
 
     def close(self) -> None:
         for handle in self._handles.values():

@@ -15,6 +15,7 @@ compares it first to say, in one line, that the data changed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import pathlib
@@ -117,8 +118,8 @@ class TileSource:
         record = self.records[index]
         image = load_rgb(record.path)
         if self.min_px and min(image.shape[:2]) < self.min_px:
-            raise ValueError(f"tile {record.path} is {image.shape[1]}x{image.shape[0]} px, smaller than the "
-                             f"teacher crop data.teacher_px={self.min_px}")
+            raise OSError(f"tile {record.path} is {image.shape[1]}x{image.shape[0]} px, smaller than the "
+                          f"teacher crop data.teacher_px={self.min_px}")  # OSError: a bad file, like an unreadable one
         return {
             "image": image,
             "label": np.int32(record.label),
@@ -128,9 +129,13 @@ class TileSource:
     def labels(self) -> np.ndarray:
         return np.asarray([r.label for r in self.records], np.int32)
 
-    def __repr__(self) -> str:
+    @functools.cached_property
+    def identity(self) -> str:  # computed once: grain asks for the repr at every checkpoint
         files = relative_paths([r.path for r in self.records])
         return f"TileSource({len(self)} records, {digest(files, self.labels())})"
+
+    def __repr__(self) -> str:
+        return self.identity
 
 
 class SubsetSource:
@@ -148,8 +153,12 @@ class SubsetSource:
     def labels(self) -> np.ndarray:
         return np.asarray(self.source.labels())[self.indices]
 
-    def __repr__(self) -> str:
+    @functools.cached_property
+    def identity(self) -> str:
         return f"SubsetSource({self.source!r}, {len(self)} records, {digest(self.indices)})"
+
+    def __repr__(self) -> str:
+        return self.identity
 
 
 class RelabelledSource:
@@ -171,8 +180,12 @@ class RelabelledSource:
     def labels(self) -> np.ndarray:
         return self._labels
 
-    def __repr__(self) -> str:
+    @functools.cached_property
+    def identity(self) -> str:
         return f"RelabelledSource({self.source!r}, labels {digest(self._labels)})"
+
+    def __repr__(self) -> str:
+        return self.identity
 
 
 class ConcatSource:
@@ -194,8 +207,12 @@ class ConcatSource:
         return np.concatenate([np.asarray(p.labels(), np.int32) for p in self.parts]) if self.parts else (
             np.zeros(0, np.int32))
 
-    def __repr__(self) -> str:
+    @functools.cached_property
+    def identity(self) -> str:
         return f"ConcatSource({', '.join(map(repr, self.parts))})"
+
+    def __repr__(self) -> str:
+        return self.identity
 
 
 def pool_subset(pool, *, n_labelled: int, fraction: float, seed: int):

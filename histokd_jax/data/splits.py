@@ -12,6 +12,7 @@ import ml_collections
 from histokd_jax.data import sources
 from histokd_jax.data.manifest import SPLITS, read_manifest
 from histokd_jax.data.views import ViewSpec
+from histokd_jax.messages import listed
 from histokd_jax.units import downsample_between
 
 
@@ -206,13 +207,10 @@ def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     )
 
 
-def _skipped_in(skipped: list, splits: list[str], limit: int = 5) -> str:
-    """The skipped slides of ``splits`` with their reasons (the first ``limit``), for an error message."""
-    listed = [f"{entry.path} ({reason})" for entry, reason in skipped if entry.split in splits]
-    if not listed:
-        return " (the manifest lists no labelled slide there)"
-    more = f"; and {len(listed) - limit} more" if len(listed) > limit else ""
-    return ": skipped " + "; ".join(listed[:limit]) + more
+def _skipped_in(skipped: list, splits: list[str]) -> str:
+    """The skipped slides of ``splits`` with their reasons, for an error message."""
+    slides = [f"{entry.path} ({reason})" for entry, reason in skipped if entry.split in splits]
+    return ": skipped " + listed(slides) if slides else " (the manifest lists no labelled slide there)"
 
 
 def distillation_pools(data: ml_collections.ConfigDict, full_pool, *, n_labelled: int, truth) -> tuple[Any, Any]:
