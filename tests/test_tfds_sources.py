@@ -1,6 +1,7 @@
 """TFDS array_record sources: built and read without TensorFlow, and without any network."""
 
 import pickle
+import re
 import socket
 import sys
 
@@ -127,10 +128,66 @@ def test_the_pool_honours_unlabeled_split_use_unlabeled_and_fraction(built):
     np.testing.assert_array_equal(pool.labels(), [*labelled.labels(), -1, -1, -1, -1])
     half = pool_of(unlabeled_fraction=0.5)
     assert len(half) == 6 + 2 and not half[7]["has_label"]
-    assert len(pool_of(use_unlabeled=False)) == 6
+    without = lambda **kw: tfds_sources.load_tfds_splits(_tfds_data(  # noqa: E731
+        data_dir, train_split="train[:60%]", use_unlabeled=False, **kw)).pool
+    assert len(without()) == 6
     with pytest.raises(ValueError, match="no unlabelled pool"):  # 25% of nothing is not a pool-size experiment
-        pool_of(use_unlabeled=False, unlabeled_fraction=0.25)
+        without(unlabeled_fraction=0.25)
     assert repr(half) != repr(pool) and repr(pool_of()) == repr(pool)  # named by content, for resuming
+
+
+def test_unlabeled_split_without_use_unlabeled_is_an_error(built):
+    _, data_dir, _ = built
+    data = _tfds_data(data_dir, train_split="train[:60%]", unlabeled_split="train[60%:]", use_unlabeled=False)
+    with pytest.raises(ValueError, match=r"data\.unlabeled_split.*data\.use_unlabeled.*--config\.data\.use_unlabeled=True"):
+        tfds_sources.load_tfds_splits(data)
+
+
+@pytest.mark.parametrize("split, unlabeled, overlaps", [
+    ("train[:60%]", "train[50%:]", "train"),  # the last 10% of the labelled split
+    ("train", "val[:1]", "val"),  # one record of val
+    ("train", "val[:50%]+test[-1:]", "val"),
+    ("train", "train[:-1]+test[-1:]", "train"),
+    ("train[:60%]", "train[60%:]+test[-1:]", "test"),  # only the last record of test
+    ("train", "all", "train"),
+])
+def test_an_unlabeled_split_overlapping_train_val_or_test_is_refused(built, split, unlabeled, overlaps):
+    _, data_dir, _ = built
+    data = _tfds_data(data_dir, train_split=split, unlabeled_split=unlabeled)
+    with pytest.raises(ValueError, match=rf"unlabeled_split='{re.escape(unlabeled)}' overlaps the "
+                                         rf"'{re.escape(overlaps)}.*would leak into distillation"):
+        tfds_sources.load_tfds_splits(data)
+
+
+def test_a_disjoint_unlabeled_split_is_accepted(built):
+    _, data_dir, _ = built
+    splits = tfds_sources.load_tfds_splits(_tfds_data(data_dir, train_split="train[:60%]",
+                                                      unlabeled_split="train[60%:]"))
+    assert splits.counts == {"train": 6, "unlabeled": 4, "val": 7, "test": 6}
+    # the same data cut the other way round, val and test sliced too: still disjoint
+    splits = tfds_sources.load_tfds_splits(_tfds_data(
+        data_dir, train_split="train[3:]", val_split="val[:4]", test_split="test[:-1]",
+        unlabeled_split="train[:3]+val[4:]+test[-1:]"))
+    assert splits.counts == {"train": 7, "unlabeled": 3 + 3 + 1, "val": 4, "test": 5}
+
+
+def test_crc_cuts_its_unlabeled_split_from_train_only_where_val_and_test_are_not():
+    from types import SimpleNamespace
+
+    from configs import crc
+
+    data = crc.get_config().data
+    labelled = {k: data[k] for k in ("train_split", "val_split", "test_split")}
+    infos = {"train": SimpleNamespace(num_examples=5000)}  # colorectal_histology: one split of 5000 tiles
+    with pytest.raises(ValueError, match=r"'train\[50%:\]' overlaps the 'train\[:70%\]' split"):
+        tfds_sources.check_unlabeled_disjoint("train[50%:]", labelled, split_infos=infos)
+    with pytest.raises(ValueError, match=r"overlaps the 'train\[70%:85%\]' split \(data.val_split\)"):
+        tfds_sources.check_unlabeled_disjoint("train[70%:71%]", labelled, split_infos=infos)
+    with pytest.raises(ValueError, match=r"overlaps the 'train\[85%:\]' split \(data.test_split\)"):
+        tfds_sources.check_unlabeled_disjoint("train[-1:]", labelled, split_infos=infos)
+    readme = {**labelled, "train_split": "train[:20%]"}  # the README's example
+    tfds_sources.check_unlabeled_disjoint("train[20%:70%]", readme, split_infos=infos)
+    assert tfds_sources.absolute_ranges("train[20%:70%]", split_infos=infos) == [("train", 1000, 3500)]
 
 
 @pytest.mark.parametrize("name", ["colorectal_histology", "no_such_dataset_xyz"])
