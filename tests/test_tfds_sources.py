@@ -190,6 +190,61 @@ def test_crc_cuts_its_unlabeled_split_from_train_only_where_val_and_test_are_not
     assert tfds_sources.absolute_ranges("train[20%:70%]", split_infos=infos) == [("train", 1000, 3500)]
 
 
+@pytest.fixture(scope="module")
+def rebuilt(built, tmp_path_factory):
+    """The toy dataset written again under the same name into two other data_dirs: once identical,
+    once with one train label changed (adipose -> lympho; same record count and images)."""
+    root, _, _ = built
+    same_dir, changed_dir = tmp_path_factory.mktemp("same"), tmp_path_factory.mktemp("changed")
+    tfds_sources.build_array_record(root, same_dir, name="toy_tiles", class_names=CLASSES)
+    split_sources = {s: sources.TileSource(sources.scan_split(root, s, class_names=CLASSES))
+                     for s in ("test", "train", "val")}
+    labels = split_sources["train"].labels().copy()
+    first = int(np.flatnonzero(labels == 0)[0])
+    labels[first] = 1
+    split_sources["train"] = sources.RelabelledSource(split_sources["train"], labels)
+    tfds_sources.build_array_record(split_sources, changed_dir, name="toy_tiles", class_names=CLASSES)
+    return same_dir, changed_dir
+
+
+def _split_bytes(data_dir, split="train") -> int:
+    return int(tfds_sources.prepared_builder("toy_tiles", data_dir=data_dir).info.splits[split].num_bytes)
+
+
+def test_a_rebuilt_dataset_with_one_label_changed_has_another_identity(built, rebuilt):
+    _, data_dir, _ = built
+    same_dir, changed_dir = rebuilt
+    read = lambda d, split="train": tfds_sources.tfds_split("toy_tiles", split=split, data_dir=d)  # noqa: E731
+    original, same, changed = read(data_dir), read(same_dir), read(changed_dir)
+    # the facts the old identity looked at agree: name, version, split, record count and stored bytes
+    assert len(original) == len(changed) and _split_bytes(data_dir) == _split_bytes(changed_dir)
+    assert (original.labels() != changed.labels()).sum() == 1
+    assert repr(changed) != repr(original)
+    assert repr(same) == repr(original) and f"'train' {_split_bytes(data_dir)} bytes" in repr(original)
+    assert f"{len(original)} records" in repr(original) and "toy_tiles/1.0.0 'train'" in repr(original)
+    assert repr(read(changed_dir, "val")) == repr(read(data_dir, "val"))  # the untouched split keeps its name
+    at = int(np.flatnonzero(original.labels() != changed.labels())[0])
+    assert repr(read(changed_dir, f"train[{at + 1}:]")) == repr(read(data_dir, f"train[{at + 1}:]"))
+    assert repr(read(changed_dir, f"train[{at}:]")) != repr(read(data_dir, f"train[{at}:]"))  # slices: own labels
+
+
+def test_the_identity_is_stable_across_processes_and_survives_pickling(built):
+    import subprocess
+
+    _, data_dir, _ = built
+    source = tfds_sources.tfds_split("toy_tiles", split="train[:50%]", data_dir=data_dir)
+    before = pickle.loads(pickle.dumps(source))  # pickled before its identity was computed
+    name = repr(source)
+    after = pickle.loads(pickle.dumps(source))  # and after: the cached identity travels
+    assert repr(before) == repr(after) == name
+    assert after[0]["image"].shape == (32, 32, 3)
+    code = ("from histokd_jax.data import tfds_sources; "
+            f"print(repr(tfds_sources.tfds_split('toy_tiles', split='train[:50%]', data_dir={str(data_dir)!r})))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": "123"}).stdout.strip()
+    assert other == name and "0x" not in name
+
+
 @pytest.mark.parametrize("name", ["colorectal_histology", "no_such_dataset_xyz"])
 def test_unprepared_dataset_is_a_clear_error_without_download(tmp_path, monkeypatch, name):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))

@@ -49,9 +49,10 @@ class TfdsSource:
 
     def __init__(self, data_source, *, image_key: str = "image", label_key: str = "label", labels=None,
                  identity: str = ""):
-        self.data_source, self.identity = data_source, identity  # identity: dataset, version, split, size
+        self.data_source, self.identity = data_source, identity  # identity: dataset, version, split, counts
         self.image_key, self.label_key = image_key, label_key
         self._labels = None if labels is None else labels  # array, or a callable giving it (read lazily)
+        self._name = None  # repr, computed once: grain asks for it at every checkpoint save
 
     def __len__(self) -> int:
         return len(self.data_source)
@@ -69,9 +70,13 @@ class TfdsSource:
         return np.asarray(self._labels, np.int32)
 
     def __repr__(self) -> str:
-        if self.identity:  # a prepared TFDS split: named by dataset, version, split and bytes
-            return f"TfdsSource({self.identity}, {len(self)} records)"
-        return f"TfdsSource({len(self)} records, {sources.digest(self.labels())})"
+        """Named by content (checkpoints and the teacher-target cache compare it): a prepared split by
+        dataset, version, split, record count and stored bytes, and any source by a digest of its labels,
+        so that a dataset rebuilt under the same name with a label changed is told apart."""
+        if self._name is None:
+            named = self.identity or f"{len(self)} records"
+            self._name = f"TfdsSource({named}, labels {sources.digest(self.labels())})"
+        return self._name
 
 
 def prepared_builder(name: str, *, data_dir: str | os.PathLike | None = None):
@@ -111,10 +116,12 @@ def tfds_split(name: str, *, split: str, data_dir: str | os.PathLike | None = No
 
 
 def _split_identity(builder, split: str) -> str:
-    """``name/config:version`` and the split (slice included) with its stored size in bytes."""
-    base = split.split("[", 1)[0]
-    size = getattr(builder.info.splits.get(base), "num_bytes", None) if hasattr(builder.info.splits, "get") else None
-    return f"{builder.info.full_name} {split!r}" + (f" {size} bytes" if size else "")
+    """``name/config/version``, the split spec, its record count and the exact stored bytes of each split it
+    reads (``num_bytes`` prints rounded, "31.33 KiB"); the labels' digest is added by ``TfdsSource``."""
+    ranges = absolute_ranges(split, split_infos=builder.info.splits)
+    stored = ", ".join(f"{name!r} {int(builder.info.splits[name].num_bytes)} bytes"
+                       for name in sorted({name for name, _, _ in ranges}))
+    return f"{builder.info.full_name} {split!r}, {sum(to - start for _, start, to in ranges)} records, {stored}"
 
 
 def absolute_ranges(split: str, *, split_infos) -> list[tuple[str, int, int]]:
