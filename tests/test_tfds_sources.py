@@ -1,6 +1,7 @@
 """TFDS array_record sources: built and read without TensorFlow, and without any network."""
 
 import pickle
+import re
 import socket
 import sys
 
@@ -127,10 +128,121 @@ def test_the_pool_honours_unlabeled_split_use_unlabeled_and_fraction(built):
     np.testing.assert_array_equal(pool.labels(), [*labelled.labels(), -1, -1, -1, -1])
     half = pool_of(unlabeled_fraction=0.5)
     assert len(half) == 6 + 2 and not half[7]["has_label"]
-    assert len(pool_of(use_unlabeled=False)) == 6
+    without = lambda **kw: tfds_sources.load_tfds_splits(_tfds_data(  # noqa: E731
+        data_dir, train_split="train[:60%]", use_unlabeled=False, **kw)).pool
+    assert len(without()) == 6
     with pytest.raises(ValueError, match="no unlabelled pool"):  # 25% of nothing is not a pool-size experiment
-        pool_of(use_unlabeled=False, unlabeled_fraction=0.25)
+        without(unlabeled_fraction=0.25)
     assert repr(half) != repr(pool) and repr(pool_of()) == repr(pool)  # named by content, for resuming
+
+
+def test_unlabeled_split_without_use_unlabeled_is_an_error(built):
+    _, data_dir, _ = built
+    data = _tfds_data(data_dir, train_split="train[:60%]", unlabeled_split="train[60%:]", use_unlabeled=False)
+    with pytest.raises(ValueError, match=r"data\.unlabeled_split.*data\.use_unlabeled.*--config\.data\.use_unlabeled=True"):
+        tfds_sources.load_tfds_splits(data)
+
+
+@pytest.mark.parametrize("split, unlabeled, overlaps", [
+    ("train[:60%]", "train[50%:]", "train"),  # the last 10% of the labelled split
+    ("train", "val[:1]", "val"),  # one record of val
+    ("train", "val[:50%]+test[-1:]", "val"),
+    ("train", "train[:-1]+test[-1:]", "train"),
+    ("train[:60%]", "train[60%:]+test[-1:]", "test"),  # only the last record of test
+    ("train", "all", "train"),
+])
+def test_an_unlabeled_split_overlapping_train_val_or_test_is_refused(built, split, unlabeled, overlaps):
+    _, data_dir, _ = built
+    data = _tfds_data(data_dir, train_split=split, unlabeled_split=unlabeled)
+    with pytest.raises(ValueError, match=rf"unlabeled_split='{re.escape(unlabeled)}' overlaps the "
+                                         rf"'{re.escape(overlaps)}.*would leak into distillation"):
+        tfds_sources.load_tfds_splits(data)
+
+
+def test_a_disjoint_unlabeled_split_is_accepted(built):
+    _, data_dir, _ = built
+    splits = tfds_sources.load_tfds_splits(_tfds_data(data_dir, train_split="train[:60%]",
+                                                      unlabeled_split="train[60%:]"))
+    assert splits.counts == {"train": 6, "unlabeled": 4, "val": 7, "test": 6}
+    # the same data cut the other way round, val and test sliced too: still disjoint
+    splits = tfds_sources.load_tfds_splits(_tfds_data(
+        data_dir, train_split="train[3:]", val_split="val[:4]", test_split="test[:-1]",
+        unlabeled_split="train[:3]+val[4:]+test[-1:]"))
+    assert splits.counts == {"train": 7, "unlabeled": 3 + 3 + 1, "val": 4, "test": 5}
+
+
+def test_crc_cuts_its_unlabeled_split_from_train_only_where_val_and_test_are_not():
+    from types import SimpleNamespace
+
+    from configs import crc
+
+    data = crc.get_config().data
+    labelled = {k: data[k] for k in ("train_split", "val_split", "test_split")}
+    infos = {"train": SimpleNamespace(num_examples=5000)}  # colorectal_histology: one split of 5000 tiles
+    with pytest.raises(ValueError, match=r"'train\[50%:\]' overlaps the 'train\[:70%\]' split"):
+        tfds_sources.check_unlabeled_disjoint("train[50%:]", labelled, split_infos=infos)
+    with pytest.raises(ValueError, match=r"overlaps the 'train\[70%:85%\]' split \(data.val_split\)"):
+        tfds_sources.check_unlabeled_disjoint("train[70%:71%]", labelled, split_infos=infos)
+    with pytest.raises(ValueError, match=r"overlaps the 'train\[85%:\]' split \(data.test_split\)"):
+        tfds_sources.check_unlabeled_disjoint("train[-1:]", labelled, split_infos=infos)
+    readme = {**labelled, "train_split": "train[:20%]"}  # the README's example
+    tfds_sources.check_unlabeled_disjoint("train[20%:70%]", readme, split_infos=infos)
+    assert tfds_sources.absolute_ranges("train[20%:70%]", split_infos=infos) == [("train", 1000, 3500)]
+
+
+@pytest.fixture(scope="module")
+def rebuilt(built, tmp_path_factory):
+    """The toy dataset written again under the same name into two other data_dirs: once identical,
+    once with one train label changed (adipose -> lympho; same record count and images)."""
+    root, _, _ = built
+    same_dir, changed_dir = tmp_path_factory.mktemp("same"), tmp_path_factory.mktemp("changed")
+    tfds_sources.build_array_record(root, same_dir, name="toy_tiles", class_names=CLASSES)
+    split_sources = {s: sources.TileSource(sources.scan_split(root, s, class_names=CLASSES))
+                     for s in ("test", "train", "val")}
+    labels = split_sources["train"].labels().copy()
+    first = int(np.flatnonzero(labels == 0)[0])
+    labels[first] = 1
+    split_sources["train"] = sources.RelabelledSource(split_sources["train"], labels)
+    tfds_sources.build_array_record(split_sources, changed_dir, name="toy_tiles", class_names=CLASSES)
+    return same_dir, changed_dir
+
+
+def _split_bytes(data_dir, split="train") -> int:
+    return int(tfds_sources.prepared_builder("toy_tiles", data_dir=data_dir).info.splits[split].num_bytes)
+
+
+def test_a_rebuilt_dataset_with_one_label_changed_has_another_identity(built, rebuilt):
+    _, data_dir, _ = built
+    same_dir, changed_dir = rebuilt
+    read = lambda d, split="train": tfds_sources.tfds_split("toy_tiles", split=split, data_dir=d)  # noqa: E731
+    original, same, changed = read(data_dir), read(same_dir), read(changed_dir)
+    # the facts the old identity looked at agree: name, version, split, record count and stored bytes
+    assert len(original) == len(changed) and _split_bytes(data_dir) == _split_bytes(changed_dir)
+    assert (original.labels() != changed.labels()).sum() == 1
+    assert repr(changed) != repr(original)
+    assert repr(same) == repr(original) and f"'train' {_split_bytes(data_dir)} bytes" in repr(original)
+    assert f"{len(original)} records" in repr(original) and "toy_tiles/1.0.0 'train'" in repr(original)
+    assert repr(read(changed_dir, "val")) == repr(read(data_dir, "val"))  # the untouched split keeps its name
+    at = int(np.flatnonzero(original.labels() != changed.labels())[0])
+    assert repr(read(changed_dir, f"train[{at + 1}:]")) == repr(read(data_dir, f"train[{at + 1}:]"))
+    assert repr(read(changed_dir, f"train[{at}:]")) != repr(read(data_dir, f"train[{at}:]"))  # slices: own labels
+
+
+def test_the_identity_is_stable_across_processes_and_survives_pickling(built):
+    import subprocess
+
+    _, data_dir, _ = built
+    source = tfds_sources.tfds_split("toy_tiles", split="train[:50%]", data_dir=data_dir)
+    before = pickle.loads(pickle.dumps(source))  # pickled before its identity was computed
+    name = repr(source)
+    after = pickle.loads(pickle.dumps(source))  # and after: the cached identity travels
+    assert repr(before) == repr(after) == name
+    assert after[0]["image"].shape == (32, 32, 3)
+    code = ("from histokd_jax.data import tfds_sources; "
+            f"print(repr(tfds_sources.tfds_split('toy_tiles', split='train[:50%]', data_dir={str(data_dir)!r})))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": "123"}).stdout.strip()
+    assert other == name and "0x" not in name
 
 
 @pytest.mark.parametrize("name", ["colorectal_histology", "no_such_dataset_xyz"])

@@ -49,9 +49,10 @@ class TfdsSource:
 
     def __init__(self, data_source, *, image_key: str = "image", label_key: str = "label", labels=None,
                  identity: str = ""):
-        self.data_source, self.identity = data_source, identity  # identity: dataset, version, split, size
+        self.data_source, self.identity = data_source, identity  # identity: dataset, version, split, counts
         self.image_key, self.label_key = image_key, label_key
         self._labels = None if labels is None else labels  # array, or a callable giving it (read lazily)
+        self._name = None  # repr, computed once: grain asks for it at every checkpoint save
 
     def __len__(self) -> int:
         return len(self.data_source)
@@ -69,9 +70,13 @@ class TfdsSource:
         return np.asarray(self._labels, np.int32)
 
     def __repr__(self) -> str:
-        if self.identity:  # a prepared TFDS split: named by dataset, version, split and bytes
-            return f"TfdsSource({self.identity}, {len(self)} records)"
-        return f"TfdsSource({len(self)} records, {sources.digest(self.labels())})"
+        """Named by content (checkpoints and the teacher-target cache compare it): a prepared split by
+        dataset, version, split, record count and stored bytes, and any source by a digest of its labels,
+        so that a dataset rebuilt under the same name with a label changed is told apart."""
+        if self._name is None:
+            named = self.identity or f"{len(self)} records"
+            self._name = f"TfdsSource({named}, labels {sources.digest(self.labels())})"
+        return self._name
 
 
 def prepared_builder(name: str, *, data_dir: str | os.PathLike | None = None):
@@ -111,10 +116,42 @@ def tfds_split(name: str, *, split: str, data_dir: str | os.PathLike | None = No
 
 
 def _split_identity(builder, split: str) -> str:
-    """``name/config:version`` and the split (slice included) with its stored size in bytes."""
-    base = split.split("[", 1)[0]
-    size = getattr(builder.info.splits.get(base), "num_bytes", None) if hasattr(builder.info.splits, "get") else None
-    return f"{builder.info.full_name} {split!r}" + (f" {size} bytes" if size else "")
+    """``name/config/version``, the split spec, its record count and the exact stored bytes of each split it
+    reads (``num_bytes`` prints rounded, "31.33 KiB"); the labels' digest is added by ``TfdsSource``."""
+    ranges = absolute_ranges(split, split_infos=builder.info.splits)
+    stored = ", ".join(f"{name!r} {int(builder.info.splits[name].num_bytes)} bytes"
+                       for name in sorted({name for name, _, _ in ranges}))
+    return f"{builder.info.full_name} {split!r}, {sum(to - start for _, start, to in ranges)} records, {stored}"
+
+
+def absolute_ranges(split: str, *, split_infos) -> list[tuple[str, int, int]]:
+    """The records a split spec reads, as TFDS itself resolves slices, percentages and ``+``:
+    ``(split name, from, to)`` ranges, ``to`` excluded (TFDS leaves an open end as None)."""
+    import tensorflow_datasets as tfds
+
+    ranges = []
+    for i in tfds.core.ReadInstruction.from_spec(split).to_absolute(split_infos):
+        name = str(i.splitname)
+        start = 0 if i.from_ is None else int(i.from_)
+        ranges.append((name, start, max(start, split_infos[name].num_examples if i.to is None else int(i.to))))
+    return ranges
+
+
+def ranges_overlap(a: Sequence[tuple[str, int, int]], b: Sequence[tuple[str, int, int]]) -> bool:
+    """Whether two lists of ``absolute_ranges`` share a record."""
+    return any(name_a == name_b and max(from_a, from_b) < min(to_a, to_b)
+               for name_a, from_a, to_a in a for name_b, from_b, to_b in b)
+
+
+def check_unlabeled_disjoint(unlabeled_split: str, labelled: Mapping[str, str], *, split_infos) -> None:
+    """Refuse an unlabelled split sharing records with a labelled one (``{config key: spec}``): val/test
+    tiles distilled on would inflate the evaluation, train tiles would be read twice per epoch."""
+    pool = absolute_ranges(unlabeled_split, split_infos=split_infos)
+    for key, spec in labelled.items():
+        if ranges_overlap(pool, absolute_ranges(spec, split_infos=split_infos)):
+            raise ValueError(f"data.unlabeled_split={unlabeled_split!r} overlaps the {spec!r} split "
+                             f"(data.{key}): its tiles would leak into distillation. Point it at records of "
+                             "its own, e.g. train_split=\"train[:60%]\" and unlabeled_split=\"train[60%:]\".")
 
 
 def _read_labels(name, split, data_dir, image_key, label_key) -> list[int]:
@@ -202,14 +239,21 @@ def load_tfds_splits(data, *, config_name: str = "this config"):
 
     if not data.tfds_name:
         raise ValueError(f"{config_name} needs data.tfds_name (a TFDS dataset prepared as array_record)")
+    unlabeled_split = data.get("unlabeled_split") or ""
+    if unlabeled_split and not data.use_unlabeled:
+        raise ValueError(f"data.unlabeled_split={unlabeled_split!r} is set but data.use_unlabeled is False, so "
+                         "no unlabelled pool would be read: set --config.data.use_unlabeled=True to distil on it "
+                         "(or --config.data.unlabeled_split=\"\" for none)")
     data_dir = data.tfds_data_dir or None
     builder = prepared_builder(data.tfds_name, data_dir=data_dir)
     names = check_class_names(data.class_names, builder.info.features["label"].names, dataset=data.tfds_name)
     train, val, test = (tfds_split(data.tfds_name, split=s, data_dir=data_dir)
                         for s in (data.train_split, data.val_split, data.test_split))
     pool = train
-    if data.use_unlabeled and data.get("unlabeled_split"):
-        unlabeled = tfds_split(data.tfds_name, split=data.unlabeled_split, data_dir=data_dir)
+    if unlabeled_split:
+        unlabeled = tfds_split(data.tfds_name, split=unlabeled_split, data_dir=data_dir)
+        check_unlabeled_disjoint(unlabeled_split, {k: data[k] for k in ("train_split", "val_split", "test_split")},
+                                 split_infos=builder.info.splits)
         hidden = sources.RelabelledSource(unlabeled, np.full(len(unlabeled), sources.UNLABELED, np.int32))
         pool = sources.ConcatSource([train, hidden])
     pool, _ = distillation_pools(data, pool, n_labelled=len(train), truth=None)
