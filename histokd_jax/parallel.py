@@ -123,6 +123,24 @@ def on_process_0(fn: Callable[[], Any], *, what: str = "its work") -> Any:
     return out
 
 
+def on_every_process(fn: Callable[[], Any], *, what: str = "a check") -> Any:
+    """``fn()`` on every process; if it raises on any, it raises on all (its own error, or one naming
+    another process). For checks that every process must make because they read checkpoints through
+    orbax, whose restores wait for all processes, and that must not let some processes go on alone."""
+    if jax.process_count() == 1:
+        return fn()
+    out, error = None, None
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
+        error = e
+    if any_process(error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"another process failed in {what}; its log says why")
+    return out
+
+
 def process_0_first(fn: Callable[[], Any]) -> Any:
     """``fn()`` on process 0, then, after a barrier, on the others: what process 0 writes (generated demo
     data, slide-index caches on a shared filesystem) is then found by the others instead of raced for."""

@@ -147,9 +147,9 @@ def run_stage(
     manager = checkpoint.make_manager(stage_dir / "checkpoints", keep=train.keep_checkpoints)
     identity = stage_identity(stage)
     resume_step = parallel.from_process_0(-1 if manager.latest_step() is None else manager.latest_step())
-    if resume_step >= 0:  # checked (by process 0, for all) before any data is prepared (a target cache) or restored
-        parallel.on_process_0(lambda: _check_resumable(manager, resume_step, stage=stage, config=config,
-                                                       identity=identity), what="checking the checkpoint")
+    if resume_step >= 0:  # checked before any data is prepared (a target cache) or restored; a refusal stops all
+        parallel.on_every_process(lambda: _check_resumable(manager, resume_step, stage=stage, config=config,
+                                                           identity=identity), what="checking the checkpoint")
     iterator = iter(
         make_train_loader(
             stage.prepare_source(stage.train_source, mesh=mesh, stage_dir=stage_dir) if stage.prepare_source
@@ -459,8 +459,10 @@ def train_and_evaluate(
     after a step with a checkpoint saved; the function then returns None.
     """
     workdir = pathlib.Path(workdir).absolute()
-    # before any data, model or compile; process 0's verdict (it reads the teacher's folder) reaches every process
-    parallel.process_0_first(lambda: check_config(config, device_count=jax.device_count(), workdir=workdir))
+    # before any data, model or compile; every process checks (the teacher's checkpoint is read through orbax,
+    # whose restores wait for all processes) and a refusal on any stops all
+    parallel.on_every_process(lambda: check_config(config, device_count=jax.device_count(), workdir=workdir),
+                              what="checking the config")
     workdir.mkdir(parents=True, exist_ok=True)
     splits = parallel.process_0_first(lambda: load_splits(config.data, workdir=workdir, config_name=config_name))
     train_spec = view_spec(config.data, train=True)

@@ -106,6 +106,25 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         for a, b in zip(_best_params(tmp_path / "one" / stage), _best_params(tmp_path / "two" / stage), strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
+    # Both processes SIGKILLed after distillation step 3 (the step-2 checkpoint on disk), then the same
+    # 2-process command again: every process checks the checkpoint (orbax restores wait for all) and
+    # resumes; the end is the uninterrupted 2-process run's.
+    killed = [cmd[0], str(REPO / "tests/kill_at_step.py"), *cmd[2:]]
+    for rerun in (False, True):
+        port = _free_port()
+        extra = {} if rerun else {"HISTOKD_KILL_AT": "student_kd:3"}
+        procs = [subprocess.Popen([*(cmd if rerun else killed), f"--workdir={tmp_path / 'killed'}",
+                                   f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+                                  cwd=REPO, env={**env(1), **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for i in range(2)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        expected = [0, 0] if rerun else [-9, -9]
+        assert [p.returncode for p in procs] == expected, outs[0][-3000:] + outs[1][-3000:]
+    assert "student_kd: resuming from step 2 of 4" in outs[0]
+    for stage in ("teacher", "student_kd"):
+        for a, b in zip(_best_params(tmp_path / "two" / stage), _best_params(tmp_path / "killed" / stage), strict=True):
+            np.testing.assert_array_equal(b, a)
+
 
 DECIDE_SCRIPT = """
 import sys
@@ -125,6 +144,14 @@ try:
     parallel.on_process_0(refuse, what="checking the checkpoint")
 except (ValueError, RuntimeError) as err:
     print("stopped", type(err).__name__, err, flush=True)
+# a check every process makes (it reads a checkpoint through orbax): a refusal on one stops all
+def refuse_on_1():
+    if pid == 1:
+        raise ValueError("refused on process 1")
+try:
+    parallel.on_every_process(refuse_on_1, what="checking the config")
+except (ValueError, RuntimeError) as err:
+    print("all stopped", type(err).__name__, err, flush=True)
 """
 
 
@@ -144,3 +171,5 @@ def test_filesystem_decisions_are_process_0s_on_every_process(tmp_path):
         assert "decided True 7" in out and "dropped [True, True, False]" in out
     assert "stopped ValueError refused on process 0" in outs[0]
     assert "stopped RuntimeError process 0 failed in checking the checkpoint" in outs[1]
+    assert "all stopped RuntimeError another process failed in checking the config" in outs[0]
+    assert "all stopped ValueError refused on process 1" in outs[1]
