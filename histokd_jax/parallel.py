@@ -104,41 +104,37 @@ def any_process_each(mask: np.ndarray) -> np.ndarray:
     return np.any(multihost_utils.process_allgather(mask.astype(np.int32)), axis=0)
 
 
-def on_process_0(fn: Callable[[], Any], *, what: str = "its work") -> Any:
-    """``fn()`` on process 0 alone (None elsewhere); its exception is raised on every process. A check
-    or a change of the filesystem is then made once, and no process goes on into a collective that
-    another has left. It is also a barrier: the others wait here for process 0."""
+def _run_where_and_agree(fn: Callable[[], Any], *, runs_here: bool, failed_elsewhere: str) -> Any:
+    """``fn()`` where ``runs_here`` (None elsewhere); an exception on any process is raised on every one
+    (its own, or ``failed_elsewhere``), so no process goes on into a collective that another has left."""
     if jax.process_count() == 1:
         return fn()
     out, error = None, None
-    if jax.process_index() == 0:
+    if runs_here:
         try:
             out = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
             error = e
-    if any_process(error is not None):
+    if any_process(error is not None):  # also a barrier
         if error is not None:
             raise error
-        raise RuntimeError(f"process 0 failed in {what}; its log says why")
+        raise RuntimeError(failed_elsewhere)
     return out
+
+
+def on_process_0(fn: Callable[[], Any], *, what: str = "its work") -> Any:
+    """``fn()`` on process 0 alone (None elsewhere); its exception is raised on every process. A change
+    of the filesystem is then made once; the others wait here for process 0."""
+    return _run_where_and_agree(fn, runs_here=jax.process_index() == 0,
+                                failed_elsewhere=f"process 0 failed in {what}; its log says why")
 
 
 def on_every_process(fn: Callable[[], Any], *, what: str = "a check") -> Any:
     """``fn()`` on every process; if it raises on any, it raises on all (its own error, or one naming
     another process). For checks that every process must make because they read checkpoints through
     orbax, whose restores wait for all processes, and that must not let some processes go on alone."""
-    if jax.process_count() == 1:
-        return fn()
-    out, error = None, None
-    try:
-        out = fn()
-    except Exception as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
-        error = e
-    if any_process(error is not None):
-        if error is not None:
-            raise error
-        raise RuntimeError(f"another process failed in {what}; its log says why")
-    return out
+    return _run_where_and_agree(fn, runs_here=True,
+                                failed_elsewhere=f"another process failed in {what}; its log says why")
 
 
 def process_0_first(fn: Callable[[], Any]) -> Any:
