@@ -62,7 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.rot90 = True
     c.data.jitter = (0.5, 0.5, 0.5, 0.2)  # brightness, contrast, saturation, hue (the paper's values)
     c.data.workers = 2  # grain worker processes; 0 loads in the main process
-    # Synthetic demo data only (data.kind == "synthetic"):
+    # Synthetic data only (data.kind "synthetic" or "synthetic_slides"). generator: "chromatin" (class evidence
+    # in 1-3 µm nuclear texture alone, the hardest setting) or "multiscale" (evidence in architecture, cell
+    # arrangement and chromatin; histokd_jax/data/multiscale.py); evidence (0-1): how much of it is coarse.
+    c.data.generator = "chromatin"
+    c.data.evidence = 1.0
     c.data.seed = 0
     c.data.tile_px = 64
     c.data.n_train = 300
@@ -73,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.slides_per_class = 8
     c.data.n_unlabeled_slides = 24
     c.data.slide_tiles = 12
+    c.data.test_slides_per_class = 0  # >0: this many extra test slides per class (a test set with narrow CIs)
 
     c.model = ml_collections.ConfigDict()
     c.model.widths = (32, 64, 128, 256)
@@ -107,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict()
     c.sweep.factors = (2, 4, 8, 16)
     c.sweep.unlabeled_fractions = (1.0,)  # e.g. (0.0, 0.25, 1.0): distillation with a growing unlabelled pool
+    c.sweep.pool_factors = ()  # factors that get the fractions < 1 (empty: every factor)
     c.sweep.control = False  # also train the "control" stage per factor (needs the pool's true labels)
     c.sweep.measure_batch_size = 64  # batch of the images/s measurement
 

@@ -82,3 +82,25 @@ def accuracy_vs_gflops(path: str | pathlib.Path, rows: Sequence[dict], *, title:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def accuracy_vs_pool(path: str | pathlib.Path, series: dict[str, Sequence[tuple[float, float, Sequence[float]]]], *,
+                     references: dict[str, float] | None = None, title: str = "accuracy vs unlabelled pool") -> None:
+    """Accuracy (with its 95% CI) against the share of the unlabelled pool used, one line per series;
+    ``references`` are drawn as horizontal lines (e.g. the label-only baseline and the true-label control)."""
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for name, points in series.items():
+        points = sorted(points)
+        x = [100 * p for p, _, _ in points]
+        y = [a for _, a, _ in points]
+        err = np.abs(np.asarray([ci for _, _, ci in points], float).T - np.asarray(y))
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"distilled, {name}")
+    for i, (name, value) in enumerate((references or {}).items()):
+        if np.isfinite(value):
+            ax.axhline(value, linestyle="--" if "baseline" in name else ":", linewidth=1, color=f"C{i + 2}", label=name)
+    ax.set(xlabel="unlabelled pool used (%)", ylabel="test accuracy", title=title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -73,7 +73,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         except ValueError as err:
             trainer.say(f"sweep: factor {factor} skipped: {err}")
             continue
-        for fraction in config.sweep.unlabeled_fractions:
+        pool_factors = tuple(int(f) for f in config.sweep.pool_factors)
+        fractions = config.sweep.unlabeled_fractions if not pool_factors or int(factor) in pool_factors else (1.0,)
+        for fraction in fractions:
             name = cell_name(int(factor), float(fraction))
             trainer.say(f"sweep: {name}")
             cell = cell_config(config, factor=int(factor), fraction=float(fraction), teacher_dir=teacher_dir)

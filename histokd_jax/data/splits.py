@@ -72,6 +72,8 @@ def data_root(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, config_
             n_unlabeled=data.n_unlabeled,
             n_val=data.n_val,
             n_test=data.n_test,
+            generator=data.generator,
+            evidence=data.evidence,
             show_progress=True,
         )
         return root
@@ -155,7 +157,8 @@ def manifest_path(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, con
         root = pathlib.Path(data.root) if data.root else workdir / "slides"
         return synthetic_slides.write_slide_set(
             root, seed=data.seed, n_per_class=data.slides_per_class, n_unlabeled=data.n_unlabeled_slides,
-            tile_grid=(data.slide_tiles, data.slide_tiles), tile_px=data.tile_px, show_progress=True,
+            tile_grid=(data.slide_tiles, data.slide_tiles), tile_px=data.tile_px, generator=data.generator,
+            evidence=data.evidence, n_test_per_class=data.test_slides_per_class, show_progress=True,
         )
     if not data.manifest:
         raise ValueError(f"{config_name} needs a slide manifest: add --config.data.manifest=/path/to/manifest.csv "

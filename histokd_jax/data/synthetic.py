@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from histokd_jax.data import multiscale
+from histokd_jax.data.render_ops import blur as _blur, gauss as _gauss, smooth_noise as _smooth_noise
 from histokd_jax.data.views import area_downsample
 
 __all__ = ["CLASS_NAMES", "render_tile", "write_tile_folder", "contact_sheet"]
@@ -61,34 +63,6 @@ _E_OD = np.array([0.07, 0.99, 0.11]) / np.linalg.norm([0.07, 0.99, 0.11])
 _COARSE = ((0.93, 1.16), (1.0, 1.0), (1.07, 0.87))
 _BASE_RADIUS = 4.0  # px at 64 px
 _BASE_COUNT = 18.0  # nuclei per tile (the tile covers the same tissue at any tile_px)
-
-
-def _smooth_noise(rng: np.random.Generator, k: int, n: int, cells: int) -> np.ndarray:
-    """``k`` bilinearly upsampled uniform noise fields in [0, 1]: cheap low-frequency texture."""
-    grid = rng.random((k, cells + 1, cells + 1), dtype=np.float32)
-    t = np.linspace(0.0, cells, n, endpoint=False)
-    i = t.astype(int)
-    f = (t - i).astype(np.float32)
-    rows = grid[:, i] * (1 - f)[:, None] + grid[:, i + 1] * f[:, None]
-    return rows[:, :, i] * (1 - f) + rows[:, :, i + 1] * f
-
-
-def _gauss(q: np.ndarray) -> np.ndarray:
-    """exp(-q) flushed to 0 for q > 30: float32 denormals make numpy ~10x slower."""
-    return np.where(q < 30.0, np.exp(-np.minimum(q, 30.0)), 0.0).astype(q.dtype)
-
-
-def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur with wrap-around over the last two axes (plain
-    numpy: BLAS/FFT threading on tiny arrays is slower and less predictable)."""
-    r = max(1, math.ceil(2.5 * sigma))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k = (k / k.sum()).astype(x.dtype)
-    for _ in range(2):  # last axis, then (after swapping) the other one
-        n = x.shape[-1]
-        p = np.concatenate([x[..., n - r:], x, x[..., :r]], axis=-1)
-        x = np.ascontiguousarray(sum(w * p[..., j:j + n] for j, w in enumerate(k)).swapaxes(-1, -2))
-    return x
 
 
 @functools.lru_cache(maxsize=8)
@@ -191,7 +165,7 @@ def _unlabeled_label(seed: int, index: int) -> int:
 
 def write_tile_folder(
     root: str | os.PathLike, *, seed: int, tile_px: int = 64, n_train: int, n_unlabeled: int,
-    n_val: int, n_test: int, show_progress: bool = False,
+    n_val: int, n_test: int, generator: str = "chromatin", evidence: float = 1.0, show_progress: bool = False,
 ) -> dict:
     """Write the demo dataset as PNG folders (``<split>/<class>/<i:05d>.png``,
     ``unlabeled/<i:05d>.png``) plus ``synthetic.json``; return the metadata.
@@ -202,9 +176,14 @@ def write_tile_folder(
     interrupted run never leaves a folder that looks complete.
     """
     root = Path(root)
-    params = {"generator_version": GENERATOR_VERSION, "class_names": list(CLASS_NAMES),
+    if generator not in ("chromatin", "multiscale"):
+        raise ValueError(f"generator must be 'chromatin' or 'multiscale', got {generator!r}")
+    names = multiscale.CLASS_NAMES if generator == "multiscale" else CLASS_NAMES
+    params = {"generator_version": GENERATOR_VERSION, "class_names": list(names),
               "seed": int(seed), "tile_px": int(tile_px), "n_train": int(n_train),
               "n_unlabeled": int(n_unlabeled), "n_val": int(n_val), "n_test": int(n_test)}
+    if generator != "chromatin":  # tile sets written before these knobs existed stay valid
+        params.update(generator=generator, evidence=float(evidence))
     if params["seed"] < 0 or min(params[f"n_{s}"] for s in SPLITS) < 0:
         raise ValueError(f"seed and split sizes must be non-negative: {params}")
     existing = _check_existing(root, params)
@@ -215,9 +194,9 @@ def write_tile_folder(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
-        for sub in [f"{sp}/{c}" for sp in SPLITS[:3] for c in CLASS_NAMES] + ["unlabeled"]:
+        for sub in [f"{sp}/{c}" for sp in SPLITS[:3] for c in names] + ["unlabeled"]:
             (tmp / sub).mkdir(parents=True)
-        counts = {split: dict.fromkeys(CLASS_NAMES, 0) for split in SPLITS}
+        counts = {split: dict.fromkeys(names, 0) for split in SPLITS}
         unlabeled_labels = []
         if show_progress:
             from tqdm.auto import tqdm
@@ -228,11 +207,13 @@ def write_tile_folder(
                 unlabeled_labels.append(label)
                 path = tmp / split / f"{i:05d}.png"
             else:
-                label = i % len(CLASS_NAMES)
-                path = tmp / split / CLASS_NAMES[label] / f"{i:05d}.png"
-            tile = render_tile(_tile_rng(params["seed"], split, i), label, tile_px=params["tile_px"])
+                label = i % len(names)
+                path = tmp / split / names[label] / f"{i:05d}.png"
+            rng = _tile_rng(params["seed"], split, i)
+            tile = multiscale.render_tile(rng, label, tile_px=params["tile_px"], evidence=evidence) \
+                if generator == "multiscale" else render_tile(rng, label, tile_px=params["tile_px"])
             Image.fromarray(tile).save(path, compress_level=1)
-            counts[split][CLASS_NAMES[label]] += 1
+            counts[split][names[label]] += 1
         meta = {"format": "histokd_jax.synthetic", "params": params, "counts": counts,
                 # diagnostics only: true classes of unlabeled/<i:05d>.png, by index
                 "unlabeled_labels": unlabeled_labels}
@@ -284,7 +265,9 @@ def contact_sheet(root: str | os.PathLike, *, downsample: int = 4, per_class: in
     nearest) on the right, so one can see that the class evidence is fine detail."""
     root = Path(root)
     rows = []
-    for name in CLASS_NAMES:
+    meta = root / "synthetic.json"
+    names = json.loads(meta.read_text())["params"]["class_names"] if meta.is_file() else CLASS_NAMES
+    for name in names:
         files = sorted((root / "train" / name).glob("*.png"))[:per_class]
         if not files:
             raise FileNotFoundError(f"no train tiles for class {name!r} under {root}")
@@ -299,7 +282,7 @@ def contact_sheet(root: str | os.PathLike, *, downsample: int = 4, per_class: in
     lr_x0 = label_w + per_class * (cell + pad) + gap
     draw.text((label_w, 3), f"high resolution ({tile_px} px)", fill="black")
     draw.text((lr_x0, 3), f"area-downsampled x{downsample} ({tile_px // downsample} px)", fill="black")
-    for r, (name, tiles) in enumerate(zip(CLASS_NAMES, rows)):
+    for r, (name, tiles) in enumerate(zip(names, rows)):
         y = head_h + r * (cell + pad)
         draw.text((4, y + cell // 2 - 6), name, fill="black")
         for c, tile in enumerate(tiles):

@@ -35,7 +35,9 @@ import numpy as np
 import tifffile
 
 from histokd_jax import atomic
-from histokd_jax.data.synthetic import CLASS_NAMES, _smooth_noise, render_tile, stored_meta
+from histokd_jax.data import multiscale
+from histokd_jax.data.render_ops import smooth_noise as _smooth_noise
+from histokd_jax.data.synthetic import CLASS_NAMES, render_tile, stored_meta
 from histokd_jax.data.views import area_downsample
 
 __all__ = ["render_slide", "write_slide", "write_slide_set", "true_classes", "write_pyramid_tiff", "DEFAULT_SPLITS"]
@@ -47,10 +49,15 @@ _LAYOUT_CODE, _TILE_CODE, _SET_CODE = 1, 2, 3  # SeedSequence streams
 
 
 def render_slide(*, label: int | None, seed: int, tile_grid: tuple[int, int] = (8, 8), tile_px: int = 64,
-                 background_fraction: float = 0.4) -> tuple[np.ndarray, dict]:
+                 background_fraction: float = 0.4, generator: str = "chromatin", evidence: float = 1.0,
+                 mpp: float = 1.0) -> tuple[np.ndarray, dict]:
     """Level-0 RGB uint8 (rows*tile_px, cols*tile_px, 3) and diagnostics:
     ``tissue_fraction`` (rows, cols; tissue share of each tile_px cell) and
-    ``tile_labels`` (rows, cols; class at each cell centre)."""
+    ``tile_labels`` (rows, cols; class at each cell centre).
+
+    ``generator``: "chromatin" (cross-faded ``synthetic.render_tile`` tiles, evidence in nuclear
+    texture only) or "multiscale" (``multiscale.render_tissue`` drawn over the whole canvas at
+    ``mpp`` µm/px, evidence at three scales set by ``evidence``)."""
     rows, cols = (int(v) for v in tile_grid)
     if rows < 1 or cols < 1:
         raise ValueError(f"tile_grid must be positive, got {tile_grid}")
@@ -61,7 +68,19 @@ def render_slide(*, label: int | None, seed: int, tile_grid: tuple[int, int] = (
     h, w = rows * tile_px, cols * tile_px
     layout = np.random.default_rng(np.random.SeedSequence([int(seed), _LAYOUT_CODE]))
     class_at = _class_layout(layout, label=label, h=h, w=w)
+    if generator == "multiscale":
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), _TILE_CODE]))
+        tissue = multiscale.render_tissue(rng, shape=(h, w), class_at=class_at, mpp=mpp, evidence=evidence)[0]
+    elif generator == "chromatin":
+        tissue = _chromatin_tissue(seed=seed, class_at=class_at, h=h, w=w, tile_px=tile_px)
+    else:
+        raise ValueError(f"generator must be 'chromatin' or 'multiscale', got {generator!r}")
+    return _on_glass(tissue, layout=layout, class_at=class_at, rows=rows, cols=cols, tile_px=tile_px,
+                     background_fraction=background_fraction)
 
+
+def _chromatin_tissue(*, seed: int, class_at, h: int, w: int, tile_px: int) -> np.ndarray:
+    """The chromatin-only generator's tissue: ``render_tile`` tiles cross-faded over their overlaps."""
     # tiles at stride tile_px - ov, cross-faded over the ov-pixel overlaps
     ov = max(2, tile_px // 8)
     stride = tile_px - ov
@@ -79,8 +98,13 @@ def render_slide(*, label: int | None, seed: int, tile_grid: tuple[int, int] = (
             th, tw = min(tile_px, h - y0), min(tile_px, w - x0)
             acc[y0:y0 + th, x0:x0 + tw] += win[:th, :tw, None] * tile[:th, :tw]
             wsum[y0:y0 + th, x0:x0 + tw] += win[:th, :tw, None]
-    tissue = acc / wsum
+    return acc / wsum
 
+
+def _on_glass(tissue: np.ndarray, *, layout, class_at, rows: int, cols: int, tile_px: int,
+              background_fraction: float) -> tuple[np.ndarray, dict]:
+    """The tissue cut to an irregular blob on near-white glass, and the diagnostics."""
+    h, w = rows * tile_px, cols * tile_px
     # tissue blob: smooth noise minus a radial fall-off, soft-thresholded at the background quantile
     n = max(h, w)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -161,21 +185,30 @@ def write_pyramid_tiff(path: str | os.PathLike, level0: np.ndarray, *, mpp: floa
 
 def write_slide(path: str | os.PathLike, *, label: int | None, seed: int, tile_grid: tuple[int, int] = (8, 8),
                 tile_px: int = 64, mpp: float = 1.0, levels: Sequence[int] = (1, 4, 16),
-                background_fraction: float = 0.4, jpeg_quality: int = 90) -> dict:
+                background_fraction: float = 0.4, jpeg_quality: int = 90, generator: str = "chromatin",
+                evidence: float = 1.0) -> dict:
     """Write one pyramidal JPEG-tiled TIFF slide and return what was written."""
     if not (mpp > 0 and math.isfinite(mpp)):
         raise ValueError(f"mpp must be positive, got {mpp}")
     h, w = int(tile_grid[0]) * tile_px, int(tile_grid[1]) * tile_px
     _check_levels(levels, h, w)
     level0, info = render_slide(label=label, seed=seed, tile_grid=tile_grid, tile_px=tile_px,
-                                background_fraction=background_fraction)
+                                background_fraction=background_fraction, generator=generator, evidence=evidence,
+                                mpp=mpp)
     lv = write_pyramid_tiff(path, level0, mpp=mpp, levels=levels, jpeg_quality=jpeg_quality,
                             description=json.dumps({"generator": "histokd_jax.synthetic_slides",
                                                     "version": GENERATOR_VERSION, "seed": int(seed)}))
     return {"path": str(path), "label": None if label is None else int(label),
-            "label_name": "" if label is None else CLASS_NAMES[int(label)], "seed": int(seed), "mpp": float(mpp),
+            "label_name": "" if label is None else class_names(generator)[int(label)], "seed": int(seed), "mpp": float(mpp),
             "levels": lv, "level_dimensions": [(w // f, h // f) for f in lv],  # (width, height) as OpenSlide
             "tile_px": int(tile_px), "tile_grid": (h // tile_px, w // tile_px), **info}
+
+
+def class_names(generator: str) -> tuple[str, ...]:
+    """The classes a generator draws (label index order)."""
+    if generator == "multiscale":
+        return multiscale.CLASS_NAMES
+    return CLASS_NAMES
 
 
 def _split_counts(n: int, splits: Mapping[str, float]) -> dict[str, int]:
@@ -202,6 +235,7 @@ def write_slide_set(root: str | os.PathLike, *, seed: int, n_per_class: int | Ma
                     n_unlabeled: int = 2, splits: Mapping[str, float] = DEFAULT_SPLITS,
                     tile_grid: tuple[int, int] = (8, 8), tile_px: int = 64, mpp: float = 1.0,
                     levels: Sequence[int] = (1, 4, 16), background_fraction: float = 0.4,
+                    generator: str = "chromatin", evidence: float = 1.0, n_test_per_class: int = 0,
                     show_progress: bool = False) -> Path:
     """Write ``root/slides/*.tiff``, ``root/manifest.csv`` (slide,label,split,mpp) and
     ``root/synthetic_slides.json``; return the manifest path.
@@ -209,23 +243,30 @@ def write_slide_set(root: str | os.PathLike, *, seed: int, n_per_class: int | Ma
     ``n_per_class``: slides per class (int) or {class name: count}; ``splits``:
     fractions for train/val/test, apportioned per class (each split with a
     positive fraction gets a slide of every class that has enough slides).
+    ``n_test_per_class`` adds that many test slides per class beyond the apportioned ones (the
+    paper's regime: few labelled slides, a test set large enough for narrow intervals).
     Unlabelled slides are mixed-class and go to ``train`` with an empty label.
     Idempotent: same parameters reuse the set, different ones raise ValueError;
     the set is built in a temporary sibling directory and renamed into place."""
     root = Path(root)
-    counts = dict.fromkeys(CLASS_NAMES, int(n_per_class)) if isinstance(n_per_class, int) else (
-        {c: int(n_per_class.get(c, 0)) for c in CLASS_NAMES})
-    if not isinstance(n_per_class, int) and set(n_per_class) - set(CLASS_NAMES):
-        raise ValueError(f"unknown class names in n_per_class: {sorted(set(n_per_class) - set(CLASS_NAMES))}")
+    names = class_names(generator)
+    counts = dict.fromkeys(names, int(n_per_class)) if isinstance(n_per_class, int) else (
+        {c: int(n_per_class.get(c, 0)) for c in names})
+    if not isinstance(n_per_class, int) and set(n_per_class) - set(names):
+        raise ValueError(f"unknown class names in n_per_class: {sorted(set(n_per_class) - set(names))}")
     if set(splits) - {"train", "val", "test"} or min(splits.values(), default=-1) < 0 or sum(splits.values()) <= 0:
         raise ValueError(f"splits must map train/val/test to non-negative fractions, got {dict(splits)}")
-    if min(counts.values()) < 0 or n_unlabeled < 0 or int(seed) < 0:
+    if min(counts.values()) < 0 or n_unlabeled < 0 or int(seed) < 0 or n_test_per_class < 0:
         raise ValueError("seed, n_per_class and n_unlabeled must be non-negative")
-    params = {"generator_version": GENERATOR_VERSION, "class_names": list(CLASS_NAMES), "seed": int(seed),
+    params = {"generator_version": GENERATOR_VERSION, "class_names": list(names), "seed": int(seed),
               "n_per_class": counts, "n_unlabeled": int(n_unlabeled),
               "splits": {k: float(v) for k, v in sorted(splits.items())}, "tile_grid": [int(v) for v in tile_grid],
               "tile_px": int(tile_px), "mpp": float(mpp), "levels": [int(f) for f in levels],
               "background_fraction": float(background_fraction)}
+    if generator != "chromatin":  # the chromatin sets written before these knobs existed stay valid
+        params.update(generator=generator, evidence=float(evidence))
+    if n_test_per_class:
+        params["n_test_per_class"] = int(n_test_per_class)
     existing = _check_existing(root, params)
     if existing is not None:
         return existing
@@ -234,10 +275,11 @@ def write_slide_set(root: str | os.PathLike, *, seed: int, n_per_class: int | Ma
         return int(np.random.SeedSequence([int(seed), _SET_CODE, c, i]).generate_state(1)[0])
 
     jobs = []  # (class index or None, split, per-slide seed); unlabelled slides use stream len(CLASS_NAMES)
-    for c, name in enumerate(CLASS_NAMES):
+    for c, name in enumerate(names):
         order = [s for s, m in _split_counts(counts[name], params["splits"]).items() for _ in range(m)]
+        order += ["test"] * int(n_test_per_class)
         jobs += [(c, split, slide_seed(c, i)) for i, split in enumerate(order)]
-    jobs += [(None, "train", slide_seed(len(CLASS_NAMES), i)) for i in range(int(n_unlabeled))]
+    jobs += [(None, "train", slide_seed(len(names), i)) for i in range(int(n_unlabeled))]
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
@@ -251,12 +293,13 @@ def write_slide_set(root: str | os.PathLike, *, seed: int, n_per_class: int | Ma
             rel = f"slides/slide_{k:04d}.tiff"
             out = write_slide(tmp / rel, label=c, seed=s, tile_grid=tuple(params["tile_grid"]),
                               tile_px=params["tile_px"], mpp=params["mpp"], levels=params["levels"],
-                              background_fraction=params["background_fraction"])
+                              background_fraction=params["background_fraction"], generator=generator,
+                              evidence=float(evidence))
             rows.append((rel, out["label_name"], split, repr(params["mpp"])))
             present = out["tile_labels"][out["tissue_fraction"] > 0.5]  # diagnostics: true classes in tissue
             slides.append({"slide": rel, "label": out["label_name"], "split": split, "seed": int(s),
                            "tissue_fraction": round(float(out["tissue_fraction"].mean()), 4),
-                           "classes_present": sorted({CLASS_NAMES[i] for i in present})})
+                           "classes_present": sorted({names[i] for i in present})})
         with open(tmp / "manifest.csv", "w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(("slide", "label", "split", "mpp"))
