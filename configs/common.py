@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.manifest = ""  # "slides": CSV slide,label,split[,mpp] (paths relative to the CSV)
     c.data.min_tissue = 0.5  # "slides": minimum tissue fraction of a tile (Otsu mask on saturation)
     c.data.tile_overlap = 0.0  # "slides": fraction of a tile shared with its neighbour
+    c.data.slide_index_dir = ""  # "slides": where slide indexes are cached; empty: workdir/slide_index
     c.data.class_names = ()  # empty: the sorted sub-folders of root/train (this order = label index)
     c.data.train_split = "train"
     c.data.val_split = "val"

@@ -37,8 +37,10 @@ VARIANTS: tuple[tuple[str, dict], ...] = (
 
 def variant_config(config: ml_collections.ConfigDict, overrides: dict, *, factor: int,
                    teacher_dir: pathlib.Path) -> ml_collections.ConfigDict:
-    """One distillation run at ``factor`` from ``teacher_dir`` with ``overrides`` applied to ``config.distill``."""
-    cell = sweep.cell_config(config, factor=factor, fraction=1.0, teacher_dir=teacher_dir)
+    """One distillation run at ``factor`` from ``teacher_dir`` with ``overrides`` applied to ``config.distill``,
+    on the data of the teacher's sweep."""
+    cell = sweep.cell_config(config, factor=factor, fraction=1.0, teacher_dir=teacher_dir,
+                             data_dirs=sweep.shared_data(config, workdir=teacher_dir.parent))
     cell.stages = ("distill",)
     for path, value in overrides.items():
         *parents, leaf = path.split(".")

@@ -32,10 +32,25 @@ def cell_name(factor: int, fraction: float) -> str:
     return f"f{factor}" if fraction == 1.0 else f"f{factor}_pool{round(100 * fraction)}"
 
 
+def shared_data(config: ml_collections.ConfigDict, *, workdir: pathlib.Path) -> dict:
+    """Where a sweep's cells find the data the sweep's first run generated and indexed: generated
+    synthetic data and slide indexes are made once, under the sweep's workdir, not once per cell."""
+    data = config.data
+    shared = {}
+    if data.kind in ("synthetic", "synthetic_slides") and not data.root:
+        shared["root"] = str(workdir / ("slides" if data.kind == "synthetic_slides" else "data"))
+    if not data.slide_index_dir:
+        shared["slide_index_dir"] = str(workdir / "slide_index")
+    return shared
+
+
 def cell_config(config: ml_collections.ConfigDict, *, factor: int, fraction: float,
-                teacher_dir: pathlib.Path) -> ml_collections.ConfigDict:
-    """The run of one sweep cell: the student at ``factor``, distilled from the sweep's teacher."""
+                teacher_dir: pathlib.Path, data_dirs: dict | None = None) -> ml_collections.ConfigDict:
+    """The run of one sweep cell: the student at ``factor``, distilled from the sweep's teacher, reading
+    the sweep's data (``data_dirs``: ``shared_data``)."""
     cell = ml_collections.ConfigDict(config.to_dict())
+    for key, value in (data_dirs or {}).items():
+        cell.data[key] = value
     cell.data.downsample = int(factor)
     cell.data.student_magnification = ""  # the factor decides; the teacher magnification stays
     cell.data.unlabeled_fraction = float(fraction)
@@ -78,7 +93,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         for fraction in fractions:
             name = cell_name(int(factor), float(fraction))
             trainer.say(f"sweep: {name}")
-            cell = cell_config(config, factor=int(factor), fraction=float(fraction), teacher_dir=teacher_dir)
+            cell = cell_config(config, factor=int(factor), fraction=float(fraction), teacher_dir=teacher_dir,
+                               data_dirs=shared_data(config, workdir=workdir))
             if trainer.train_and_evaluate(cell, workdir / name, should_stop=should_stop,
                                           config_name=config_name) is None:
                 return None

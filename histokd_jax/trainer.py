@@ -288,8 +288,8 @@ def save_test_predictions(stage_dir: pathlib.Path, *, scored: Evaluation, splits
 
 # Fields that may change between an interrupted run and its resumption without changing the result.
 # The data's own identity (its records) is compared instead of where it lies.
-RESUME_FREE_FIELDS = ("data.root", "data.manifest", "data.tfds_data_dir", "teacher.checkpoint", "train.progress",
-                      "stages")
+RESUME_FREE_FIELDS = ("data.root", "data.manifest", "data.tfds_data_dir", "data.slide_index_dir", "teacher.checkpoint",
+                      "train.progress", "stages")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -210,8 +210,11 @@ code("""
     if SMALL:
         config.update_from_flattened_dict({
             "data.slides_per_class": 5,  # 3 train, 1 validation, 1 test slide per class
+            "data.test_slides_per_class": 0,
             "data.n_unlabeled_slides": 2,
             "data.slide_tiles": 6,  # 6 x 6 tiles of 64 µm per slide
+            "data.tile_px": 64,
+            "data.teacher_px": 64,
             "model.widths": (8, 16, 16, 32),
             "model.num_groups": 4,
             "train.eval_batch_size": TRAIN_BATCH or 64,

@@ -51,19 +51,21 @@ def tiles_by_evidence() -> dict[float, tuple[list[np.ndarray], np.ndarray]]:
 
 @pytest.mark.slow
 def test_coarse_evidence_survives_8x_block_means_and_the_knob_removes_it(tiles_by_evidence):
-    """At evidence 1 the architecture is readable from 8 µm/px block means (1.25x); at evidence 0 the
-    coarse scales carry no class, so the same classifier sits near chance (1/3)."""
+    """At evidence 1 the architecture is readable from block means at 5x, 2.5x and 1.25x; at evidence 0
+    the coarse scales carry no class, so the same classifier sits near chance (1/3) at 2.5x and 1.25x."""
     tiles, labels = tiles_by_evidence[1.0]
-    assert _cv_accuracy(tiles, labels, 8) >= 0.70
+    for factor in (2, 4, 8):
+        assert _cv_accuracy(tiles, labels, factor) >= 0.70, factor
     tiles, labels = tiles_by_evidence[0.0]
-    assert _cv_accuracy(tiles, labels, 8) <= 0.47
+    for factor in (4, 8):
+        assert _cv_accuracy(tiles, labels, factor) <= 0.47, factor
 
 
 def test_purities_move_coarse_scales_from_chance_and_keep_chromatin():
     assert multiscale.purities(0.0)["architecture"] == pytest.approx(1 / 3)
     assert multiscale.purities(0.0)["cells"] == pytest.approx(1 / 3)
     assert multiscale.purities(0.0)["chromatin"] == multiscale.PURITY["chromatin"]
-    assert multiscale.purities(1.0) == multiscale.PURITY
+    assert multiscale.purities(1.0) == pytest.approx(multiscale.PURITY)
     half = multiscale.purities(0.5)["architecture"]
     assert half == pytest.approx((1 / 3 + multiscale.PURITY["architecture"]) / 2)
     with pytest.raises(ValueError, match="evidence"):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from histokd_jax import reproduce
+from histokd_jax import ablations, reproduce
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,11 +48,21 @@ def test_claims_margins_are_the_hand_computed_differences():
         assert got[name].holds == (margin >= 0), name
 
 
+def test_equal_accuracies_do_not_count_as_rising_with_the_pool():
+    rows = [dict(r, accuracy=0.86) if r["pool"] == 0.0 else r for r in HAND_ROWS]  # 0% == 25%
+    pool = next(c for c in reproduce.claims(rows) if c.name == "more pool helps (1/4)")
+    assert pool.margin == 0.0 and not pool.holds
+
+
 def test_a_missing_model_is_a_missed_claim_not_a_crash():
     rows = [r for r in HAND_ROWS if not (r["role"] == "student_control" and r["factor"] == 8)]
     got = {c.name: c for c in reproduce.claims(rows)}
     assert not got["resolution costs (1/8)"].holds and not got["KD near control (1/8)"].holds
     assert got["KD beats baseline (1/8)"].margin == pytest.approx(-0.01)
+    no_pool = [r for r in HAND_ROWS if r["pool"] != 0.0]  # NaN in either place of the comparison
+    assert not next(c for c in reproduce.claims(no_pool) if c.name == "more pool helps (1/4)").holds
+    no_teacher = [r for r in HAND_ROWS if r["role"] != "teacher"]
+    assert not next(c for c in reproduce.claims(no_teacher) if c.name == "teacher in range").holds
 
 
 # configs/benchmark.py shrunk to seconds per stage: 64 px teacher tiles (students of 32, 16 and 8 px),
@@ -90,6 +100,28 @@ def test_reproduce_runs_two_seeds_and_writes_the_table_claims_and_plots(tmp_path
     assert manifests[0] == manifests[1] and index[0]["slides"] != index[1]["slides"]
     md = (tmp_path / "reproduce.md").read_text()
     assert "accuracy seed 0" in md and "accuracy seed 1" in md and "| KD beats baseline (1/4) |" in md
-    assert md in done.stdout
+    assert md.split("\n", 2)[2] in done.stdout  # the tables, printed at the end
     for name in ("accuracy_vs_gflops.png", "accuracy_vs_pool.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+    # the ablations distil from seed 0's teacher; the default variant is the reproduction's 2.5x student
+    cmd = [sys.executable, str(REPO / "launch/ablate.py"), f"--workdir={tmp_path}", "--seeds=0", "--bootstrap=20",
+           *TINY_BENCHMARK]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads((tmp_path / "ablations" / "ablations.json").read_text())
+    assert sorted(table) == sorted(name for name, _ in ablations.VARIANTS)
+    reproduced = next(r for r in summary["rows"]["0"] if r["model"] == "f4/student_kd")
+    assert table["kl+feat_maxpool"]["0"]["accuracy"] == reproduced["accuracy"]
+    kl_only = json.loads((tmp_path / "ablations" / "seed0" / "kl_only" / "config.json").read_text())
+    assert kl_only["distill"]["loss"]["w_feat"] == 0.0 and kl_only["distill"]["loss"]["w_kl"] == 1.0
+    cache = json.loads((tmp_path / "ablations" / "seed0" / "target_cache" / "config.json").read_text())
+    assert cache["distill"]["target_cache"] is True and cache["teacher"]["checkpoint"] == str(tmp_path / "seed0" / "teacher")
+    assert "| views_per_crop_4 |" in (tmp_path / "ablations" / "ablations.md").read_text()
+
+
+def test_ablations_refuse_a_workdir_without_the_seeds_teacher(tmp_path):
+    from configs import benchmark
+
+    with pytest.raises(FileNotFoundError, match="launch/reproduce.py"):
+        ablations.run_ablations(benchmark.get_config(), tmp_path, seeds=[3])

@@ -19,11 +19,11 @@ import openslide
 import pytest
 import tifffile
 
-from configs import demo
 from histokd_jax import evaluation, parallel, report, trainer
 from histokd_jax.data import manifest, slide_index, slides, splits, synthetic_slides
 from histokd_jax.data.synthetic import CLASS_NAMES
 from histokd_jax.data.views import ViewSpec
+from tests.tiny import chromatin_slide_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = slide_index.IndexSettings(teacher_mpp=1.0, tile_px=64)
@@ -93,8 +93,7 @@ def slide_splits(tmp_path) -> tuple[splits.DataSplits, pathlib.Path, pathlib.Pat
     ``load_slide_splits`` a run uses; (splits, manifest, workdir)."""
     path = synthetic_slides.write_slide_set(tmp_path / "set", seed=7, n_per_class=3, n_unlabeled=0,
                                             tile_grid=(6, 6), splits={"train": 1, "val": 1, "test": 1})
-    data = demo.get_config().data
-    data.unlock()
+    data = chromatin_slide_data()
     data.kind, data.manifest = "slides", str(path)
     workdir = tmp_path / "run"
     return splits.load_slide_splits(data, workdir=workdir, config_name="test"), path, workdir
@@ -227,8 +226,7 @@ def test_every_slide_skipped_at_indexing_names_them(tmp_path):
     entries = manifest.read_manifest(path, class_names=CLASS_NAMES)
     for e in entries:
         corrupt_jpeg_tiles(e.path)
-    data = demo.get_config().data
-    data.unlock()
+    data = chromatin_slide_data()
     data.kind, data.manifest = "slides", str(path)
     with pytest.raises(ValueError, match="no usable labelled slide") as error:
         splits.load_slide_splits(data, workdir=tmp_path / "run", config_name="test")

@@ -134,3 +134,18 @@ def test_launch_sweep_prints_an_unfinished_stage_as_one_error_line(tmp_path):
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("error: the student_kd stage of the run in")
     assert "Traceback" not in done.stderr
+
+
+def test_cells_read_the_sweeps_generated_data_and_slide_index(tmp_path):
+    """A cell must not generate and index its own copy of the synthetic data (minutes per cell)."""
+    from configs import demo
+    from histokd_jax import sweep as sweep_lib
+
+    config = demo.get_config()
+    cell = sweep_lib.cell_config(config, factor=8, fraction=0.5, teacher_dir=tmp_path / "teacher",
+                                 data_dirs=sweep_lib.shared_data(config, workdir=tmp_path))
+    assert cell.data.root == str(tmp_path / "slides") and cell.data.slide_index_dir == str(tmp_path / "slide_index")
+    assert cell.data.downsample == 8 and cell.data.unlabeled_fraction == 0.5 and cell.stages == ("distill",)
+    own = config.copy_and_resolve_references()
+    own.data.root, own.data.slide_index_dir = "/data/slides", "/data/index"  # given by the user: kept
+    assert sweep_lib.shared_data(own, workdir=tmp_path) == {}

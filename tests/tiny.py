@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import demo_tiles
+from configs import demo, demo_tiles
 
 # The same settings as command-line overrides of configs/demo_tiles.py (or configs/demo.py), for
 # launch/train.py runs.
@@ -30,11 +30,15 @@ TINY_FLAGS = [
     "--config.train.progress=False",
     "--config.train.final_report=False",
 ]
-# With configs/demo.py (synthetic slides): few, small slides (5 per class: 3 train, 1 val, 1 test).
+# With configs/demo.py (synthetic slides): few, small slides (5 per class: 3 train, 1 val, 1 test) of
+# 64 px tiles.
 TINY_SLIDE_FLAGS = [
     "--config.data.slides_per_class=5",
+    "--config.data.test_slides_per_class=0",
     "--config.data.n_unlabeled_slides=2",
     "--config.data.slide_tiles=6",
+    "--config.data.tile_px=64",
+    "--config.data.teacher_px=64",
 ]
 
 
@@ -50,3 +54,16 @@ def tiny_config(data_root: str = "") -> ml_collections.ConfigDict:
         node[leaf] = type(node[leaf])(eval(value)) if not isinstance(node[leaf], str) else value  # noqa: S307
     config.data.root = data_root
     return config
+
+
+def chromatin_slide_data() -> ml_collections.ConfigDict:
+    """configs/demo.py's data settings (slides at 10x -> 2.5x), unlocked, for the chromatin-only slides
+    ``synthetic_slides.write_slide_set`` writes by default (its classes, 64 px tiles)."""
+    from histokd_jax.data import synthetic
+
+    data = demo.get_config().data
+    data.unlock()
+    data.class_names = synthetic.CLASS_NAMES
+    data.tile_px = data.teacher_px = 64
+    data.min_tissue = 0.5
+    return data

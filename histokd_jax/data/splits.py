@@ -184,8 +184,9 @@ def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     teacher_mpp = slides.parse_target(data.teacher_magnification)
     settings = slide_index.IndexSettings(teacher_mpp=teacher_mpp, tile_px=data.teacher_px,
                                          min_tissue=data.min_tissue, overlap=data.tile_overlap)
-    skipped_csv = workdir / "slide_index" / "skipped_slides.csv"
-    usable, skipped = slide_index.index_slides(entries, settings=settings, cache_dir=workdir / "slide_index")
+    cache_dir = pathlib.Path(data.slide_index_dir) if data.slide_index_dir else workdir / "slide_index"
+    skipped_csv = cache_dir / "skipped_slides.csv"
+    usable, skipped = slide_index.index_slides(entries, settings=settings, cache_dir=cache_dir)
     if skipped:
         logging.getLogger(__name__).warning("%d slide(s) skipped; see %s", len(skipped), skipped_csv)
     labelled = {split: [t for t in usable if t.entry.split == split and t.entry.label] for split in SPLITS}
