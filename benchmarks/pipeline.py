@@ -2,8 +2,9 @@
 
     python benchmarks/pipeline.py [--batches 30]
 
-The demo's settings (configs/demo_tiles.py and configs/demo.py: 64 px teacher view,
-16 px student view, flips + rot90, batch 64 for distillation). Each line times full
+The chromatin-only demo's settings (configs/demo_tiles.py, and configs/demo.py's slides with
+that generator's 64 px tiles: 64 px teacher view, 16 px student view, flips + rot90, no colour
+jitter, batch 64 for distillation). Each line times full
 training batches from ``make_train_loader`` (decode or slide read, augmentation,
 both views) after a warm-up; the last line times the jitted distillation step on
 the same batch size, i.e. the rate at which training consumes tiles. Also prints
@@ -25,6 +26,7 @@ import jax  # noqa: E402
 
 from configs import demo, demo_tiles  # noqa: E402
 from histokd_jax import parallel, steps, trainer  # noqa: E402
+from histokd_jax.data import synthetic  # noqa: E402
 from histokd_jax.data.pipeline import make_train_loader  # noqa: E402
 from histokd_jax.data.splits import load_splits, view_spec  # noqa: E402
 from histokd_jax.optim import make_optimizer  # noqa: E402
@@ -86,6 +88,8 @@ def main() -> None:
             c.train.progress = False
         tiles_cfg.data.n_train, tiles_cfg.data.n_unlabeled = 600, 1200
         slides_cfg.data.slides_per_class, slides_cfg.data.n_unlabeled_slides = 5, 6
+        slides_cfg.data.update(generator="chromatin", class_names=synthetic.CLASS_NAMES, tile_px=64, teacher_px=64,
+                               test_slides_per_class=0, min_tissue=0.5, jitter=(0.0, 0.0, 0.0, 0.0))
         print(f"batch {BATCH}, demo views (64 px teacher, 16 px student, flips + rot90); tiles/s", flush=True)
         splits = {}
         for name, config in (("tile folder", tiles_cfg), ("slides", slides_cfg)):

@@ -16,7 +16,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 SCRIPTS = (
     ("distillation step and inference vs PyTorch", ["step_vs_torch.py"]),
-    ("the teacher's share: cheaper targets, speed and demo accuracy", ["teacher_share.py"]),
+    ("the teacher's share: cheaper targets, step speed", ["teacher_share.py"]),
     ("input pipeline vs step", ["pipeline.py"]),
     ("slide tile source", ["slide_source.py"]),
     ("whole-slide inference", ["wholeslide.py"]),

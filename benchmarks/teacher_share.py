@@ -1,6 +1,6 @@
-"""The teacher's share of distillation: what each cheaper-target option saves, and what it costs the demo.
+"""The teacher's share of distillation: what each cheaper-target option saves per step.
 
-    python benchmarks/teacher_share.py [--rounds 7] [--factor 4] [--seeds 0 1] [--skip_demo] [--workdir DIR]
+    python benchmarks/teacher_share.py [--rounds 7] [--factor 4]
 
 Options (``distill.*`` in configs/common.py; ``histokd_jax/teacher_targets.py``):
   default            the teacher runs live on every student view (float32)
@@ -12,18 +12,15 @@ Options (``distill.*`` in configs/common.py; ``histokd_jax/teacher_targets.py``)
    step, AdamW; every option's step timed back to back in each round (medians, and the
    median of the per-round ratios to the default). The cache's one-off pass is reported
    per pool crop.
-2. The demo (``configs/demo.py``): one teacher, then the distillation stage per option
-   and student seed from that teacher; its wall time (data loading, compilation and
-   validation included) and the student's test accuracy with a 95% interval that
-   resamples test slides. About 20 minutes on 2 cores; finished runs in ``--workdir``
-   are reused.
+
+What each option costs in accuracy, and its wall time in a whole distillation stage, is measured
+on the multi-scale benchmark by ``launch/ablate.py`` (BENCHMARKS.md, "Ablations").
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import pathlib
 import sys
 import time
@@ -34,8 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import common, demo  # noqa: E402
-from histokd_jax import models, optim, report, state, steps, trainer  # noqa: E402
+from configs import common  # noqa: E402
+from histokd_jax import models, optim, state, steps  # noqa: E402
 from histokd_jax.data.views import area_downsample  # noqa: E402
 
 WIDTHS = (32, 64, 128, 256)
@@ -110,65 +107,14 @@ def time_steps(*, factor: int, batch: int, rounds: int) -> None:
           f"(a pool of 100,000 crops: {per_crop * 1e5 / 60:.1f} min)")
 
 
-def demo_accuracy(workdir: pathlib.Path, *, seeds: list[int]) -> None:
-    """The demo's teacher once, then the distillation stage per option and seed; a table of time and accuracy."""
-    base = demo.get_config()
-    base.train.progress = False
-    base.train.final_report = False
-    base.data.root = str(workdir / "data")
-    teacher_dir = workdir / "teacher_run"
-    if not (teacher_dir / "teacher" / "result.json").exists():
-        config = base.copy_and_resolve_references()
-        config.stages = ("teacher",)
-        trainer.train_and_evaluate(config, teacher_dir)
-    rows = []
-    for seed in seeds:  # the student's initialisation and data order; the teacher stays the same
-        for name, option in OPTIONS.items():
-            run_dir = workdir / f"seed{seed}" / name.replace(" ", "_").replace("/", "_per_")
-            config = base.copy_and_resolve_references()
-            config.seed = seed
-            config.stages = ("distill",)
-            config.teacher.checkpoint = str(teacher_dir / "teacher")
-            for key, value in option.items():
-                config.distill[key] = value
-            if not (run_dir / "student_kd" / "result.json").exists():
-                trainer.train_and_evaluate(config, run_dir)
-            wall = json.loads((run_dir / "student_kd" / "result.json").read_text())["stage_seconds"]
-            figures = report.model_report(report.load_predictions(run_dir / "student_kd"), n_boot=1000)
-            rows.append(dict(option=name, seed=seed, wall=wall, tiles=figures["tiles"]["accuracy"],
-                             slides=figures.get("slides", {}).get("accuracy")))
-    print(f"\ndemo (configs/demo.py): the distillation stage ({base.distill.steps} steps, batch "
-          f"{base.distill.batch_size} student views; wall time with data loading, compilation, validation) from "
-          "one teacher; student test accuracy with a 95% CI resampling test slides")
-    print("| option | seed | stage wall time | speedup | tile accuracy [95% CI] | slide accuracy |")
-    print("|---|---:|---:|---:|---|---:|")
-    default_wall = {r["seed"]: r["wall"] for r in rows if r["option"] == "default"}
-    for r in rows:
-        lo, hi = r["tiles"]["ci95"]
-        slide = f"{r['slides']['value']:.2f}" if r["slides"] else "n/a"
-        print(f"| {r['option']} | {r['seed']} | {r['wall']:.0f} s | {default_wall[r['seed']] / r['wall']:.2f}x | "
-              f"{r['tiles']['value']:.3f} [{lo:.3f}, {hi:.3f}] | {slide} |")
-    print("\nmean over seeds: " + "; ".join(
-        f"{name} {np.mean([r['tiles']['value'] for r in rows if r['option'] == name]):.3f} "
-        f"({np.mean([default_wall[r['seed']] / r['wall'] for r in rows if r['option'] == name]):.2f}x)"
-        for name in OPTIONS))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--factor", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--skip_steps", action="store_true")
-    parser.add_argument("--skip_demo", action="store_true")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--workdir", default="/tmp/histokd-teacher-share")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
-    if not args.skip_steps:
-        time_steps(factor=args.factor, batch=args.batch, rounds=args.rounds)
-    if not args.skip_demo:
-        demo_accuracy(pathlib.Path(args.workdir), seeds=args.seeds)
+    time_steps(factor=args.factor, batch=args.batch, rounds=args.rounds)
 
 
 if __name__ == "__main__":
