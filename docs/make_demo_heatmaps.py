@@ -1,7 +1,7 @@
 """Write docs/demo_heatmaps.png: the teacher's and the distilled student's heatmaps of one mixed demo slide.
 
     python launch/train.py --config=configs/demo.py --workdir=/tmp/histokd-demo
-    python docs/make_demo_heatmaps.py --workdir=/tmp/histokd-demo [--slide slides/slides/slide_0050.tiff]
+    python docs/make_demo_heatmaps.py --workdir=/tmp/histokd-demo [--slide slides/slides/slide_0069.tiff]
 
 Each model runs ``inference.predict_slides`` (what launch/predict.py does) over the slide; the two
 heatmaps are set side by side under a title each.
@@ -24,7 +24,7 @@ from histokd_jax import inference  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a finished demo run")
-    parser.add_argument("--slide", default="slides/slides/slide_0050.tiff", help="relative to the workdir")
+    parser.add_argument("--slide", default="slides/slides/slide_0069.tiff", help="relative to the workdir")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).with_name("demo_heatmaps.png")))
     parser.add_argument("--width", type=int, default=780, help="width of the figure in pixels")
     args = parser.parse_args()

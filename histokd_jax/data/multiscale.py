@@ -212,32 +212,29 @@ def _place(rng, prob: np.ndarray, density_per_um2: float, mpp: float) -> tuple[n
     return cy[keep], cx[keep]
 
 
-def render_tissue(rng: np.random.Generator, *, shape: tuple[int, int], class_at: Callable, mpp: float = 1.0,
-                  evidence: float = 1.0) -> tuple[np.ndarray, dict]:
-    """Float32 RGB (h, w, 3) in [0, 255] of tissue at ``mpp`` µm/px, before JPEG.
-
-    ``class_at(y, x)`` gives the region's class at pixel coordinates (arrays). Returns the
-    image and the per-pixel pattern maps ``{"architecture", "cells", "chromatin"}`` (diagnostics).
-    """
-    h, w = (int(v) for v in shape)
-    q = purities(evidence)
-    yy, xx = (g.astype(np.float32) * np.float32(mpp) for g in np.mgrid[0:h, 0:w])
-    at_um = lambda y, x: np.asarray(class_at(np.clip(y / mpp, 0, h - 1), np.clip(x / mpp, 0, w - 1)))  # noqa: E731
-    maps = {"architecture": _patch_map(rng, yy, xx, spacing=ARCH_PATCH_UM, class_at_um=at_um, purity=q["architecture"]),
-            "cells": _patch_map(rng, yy, xx, spacing=FINE_PATCH_UM, class_at_um=at_um, purity=q["cells"]),
-            "chromatin": _patch_map(rng, yy, xx, spacing=FINE_PATCH_UM, class_at_um=at_um, purity=q["chromatin"])}
+def _tissue_layout(rng, yy, xx, *, class_at_um, q: dict, mpp: float) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The per-scale pattern maps and the (epithelium, air) masks their architecture gives, with tears."""
+    maps = {"architecture": _patch_map(rng, yy, xx, spacing=ARCH_PATCH_UM, class_at_um=class_at_um,
+                                       purity=q["architecture"]),
+            "cells": _patch_map(rng, yy, xx, spacing=FINE_PATCH_UM, class_at_um=class_at_um, purity=q["cells"]),
+            "chromatin": _patch_map(rng, yy, xx, spacing=FINE_PATCH_UM, class_at_um=class_at_um,
+                                    purity=q["chromatin"])}
     epi_k, air_k = _architecture(rng, yy, xx, mpp)
-    arch = maps["architecture"]
-    epi = np.take_along_axis(epi_k, arch[None], 0)[0]
-    air = np.take_along_axis(air_k, arch[None], 0)[0]
-    # nuisance: tears (white gaps) on some canvases
-    if rng.random() < 0.5:
+    arch = maps["architecture"][None]
+    epi, air = np.take_along_axis(epi_k, arch, 0)[0], np.take_along_axis(air_k, arch, 0)[0]
+    h, w = yy.shape
+    if rng.random() < 0.5:  # nuisance: tears (white gaps) on some canvases
         noise = _smooth_noise(rng, 1, max(h, w), max(2, int(max(h, w) * mpp / 60)))[0, :h, :w]
         tear = _soft(noise - rng.uniform(0.85, 0.95), 0.03)
         epi, air = epi * (1 - tear), np.maximum(air, tear)
-    stroma = np.clip(1.0 - epi - air, 0.0, 1.0)
+    return maps, epi, air
 
-    # epithelial nuclei: size and crowding from the cell pattern, texture from the chromatin pattern
+
+def _haematoxylin(rng, maps: dict, *, epi: np.ndarray, stroma: np.ndarray, mpp: float) -> np.ndarray:
+    """Nuclear OD: epithelial nuclei (size and crowding from the cell pattern, texture from the chromatin
+    pattern), lymphocytes (7 µm, dark, at a random density: a nuisance that mimics crowding) and
+    stromal fibroblasts."""
+    shape = epi.shape
     radius_um = np.array(NUCLEUS_RADIUS_UM, np.float32)
     density = NUCLEAR_AREA_FRACTION / (np.pi * radius_um ** 2)  # per µm² of epithelium
     cells = maps["cells"]
@@ -247,39 +244,62 @@ def render_tissue(rng: np.random.Generator, *, shape: tuple[int, int], class_at:
     r_px = radius_um[pat] * np.exp(rng.normal(0.0, 1.0, len(cy)).astype(np.float32) * pleo) / mpp
     chrom = maps["chromatin"][cy.astype(int), cx.astype(int)]
     chrom = np.where(rng.random(len(cy)) < 0.85, chrom, rng.integers(0, _K, len(cy)))
-    h_od = _stamp_nuclei(rng, (h, w), cy=cy, cx=cx, radius=r_px, elong=np.sqrt(rng.uniform(1.0, 1.4, len(cy))),
+    h_od = _stamp_nuclei(rng, shape, cy=cy, cx=cx, radius=r_px, elong=np.sqrt(rng.uniform(1.0, 1.4, len(cy))),
                          chromatin=chrom, mpp=mpp)
-    # lymphocytes (7 µm, dark, random density: a nuisance that mimics crowding) and fibroblasts in stroma
     ly, lx = _place(rng, np.clip(stroma + 0.5 * epi, 0, 1), rng.uniform(0.0, 6e-4), mpp)
-    h_od += 1.3 * _stamp_nuclei(rng, (h, w), cy=ly, cx=lx, radius=np.full(len(ly), 3.5 / mpp, np.float32),
+    h_od += 1.3 * _stamp_nuclei(rng, shape, cy=ly, cx=lx, radius=np.full(len(ly), 3.5 / mpp, np.float32),
                                 elong=np.ones(len(ly)), chromatin=np.zeros(len(ly), int), mpp=mpp)
     fy, fx = _place(rng, stroma, 4e-4, mpp)
-    h_od += _stamp_nuclei(rng, (h, w), cy=fy, cx=fx, radius=np.full(len(fy), 3.0 / mpp, np.float32),
+    h_od += _stamp_nuclei(rng, shape, cy=fy, cx=fx, radius=np.full(len(fy), 3.0 / mpp, np.float32),
                           elong=np.full(len(fy), 2.2), chromatin=np.zeros(len(fy), int), mpp=mpp)
+    return h_od
 
-    # eosin: cytoplasm, fibrous stroma with wavy fibres (~6 µm period), nearly nothing in air spaces
+
+def _eosin(rng, yy, xx, *, epi: np.ndarray, stroma: np.ndarray, mpp: float) -> np.ndarray:
+    """Eosin OD: cytoplasm, fibrous stroma with wavy fibres (~6 µm period), nearly nothing in air spaces."""
+    h, w = yy.shape
     n = max(h, w)
     warp, fib_mod = _smooth_noise(rng, 2, n, max(2, int(n * mpp / 40)))[:, :h, :w]
     theta = rng.uniform(0.0, np.pi)
     phase = (xx * math.cos(theta) + yy * math.sin(theta)) * (2 * np.pi / rng.uniform(5.0, 8.0))
     fibre = (0.5 + 0.5 * np.sin(phase + 8.0 * warp)) ** 2 * (0.5 + fib_mod)
-    e_od = epi * rng.uniform(0.16, 0.26) + stroma * rng.uniform(0.2, 0.32) * (0.5 + 0.6 * fibre) + 0.02
-    h_od = h_od * (1.0 - 0.9 * air) + 0.04 * stroma
-    od = np.stack([h_od, e_od]).astype(np.float32)
+    return epi * rng.uniform(0.16, 0.26) + stroma * rng.uniform(0.2, 0.32) * (0.5 + 0.6 * fibre) + 0.02
+
+
+def _to_rgb(rng, od: np.ndarray, yy, xx, *, mpp: float) -> np.ndarray:
+    """Folds, focus blur, stain strength and hue (per canvas, with a smooth drift), Beer-Lambert, noise."""
+    h, w = yy.shape
     if rng.random() < 0.3:  # a fold: a band of doubled tissue thickness
         t = rng.uniform(0.0, np.pi)
         dist = np.abs((xx - rng.uniform(0, w * mpp)) * math.cos(t) + (yy - rng.uniform(0, h * mpp)) * math.sin(t))
         od *= 1.0 + 0.9 * _soft(rng.uniform(10.0, 30.0) - dist, 4.0)
     od = _blur(od, rng.uniform(0.3, 0.9) / mpp)
-    # stain strength and hue per canvas, with a smooth spatial drift of strength
     hv, ev = (np.abs(v + rng.normal(0.0, 0.05, 3)) for v in (_H_OD, _E_OD))
     hv, ev = (hv / np.linalg.norm(hv)).astype(np.float32), (ev / np.linalg.norm(ev)).astype(np.float32)
-    drift = 0.85 + 0.3 * _smooth_noise(rng, 1, n, 2)[0, :h, :w]
+    drift = 0.85 + 0.3 * _smooth_noise(rng, 1, max(h, w), 2)[0, :h, :w]
     od_rgb = drift[..., None] * (rng.uniform(0.75, 1.25) * od[0][..., None] * hv
                                  + rng.uniform(0.75, 1.25) * od[1][..., None] * ev)
     rgb = rng.uniform(232.0, 250.0) * np.exp(-math.log(10.0) * od_rgb)
     rgb += rng.uniform(2.0, 8.0) * (rng.random(rgb.shape, np.float32) - 0.5)
-    return np.clip(rgb, 0.0, 255.0).astype(np.float32), maps
+    return np.clip(rgb, 0.0, 255.0).astype(np.float32)
+
+
+def render_tissue(rng: np.random.Generator, *, shape: tuple[int, int], class_at: Callable, mpp: float = 1.0,
+                  evidence: float = 1.0) -> tuple[np.ndarray, dict]:
+    """Float32 RGB (h, w, 3) in [0, 255] of tissue at ``mpp`` µm/px, before JPEG.
+
+    ``class_at(y, x)`` gives the region's class at pixel coordinates (arrays). Returns the
+    image and the per-pixel pattern maps ``{"architecture", "cells", "chromatin"}`` (diagnostics).
+    """
+    h, w = (int(v) for v in shape)
+    yy, xx = (g.astype(np.float32) * np.float32(mpp) for g in np.mgrid[0:h, 0:w])
+    at_um = lambda y, x: np.asarray(class_at(np.clip(y / mpp, 0, h - 1), np.clip(x / mpp, 0, w - 1)))  # noqa: E731
+    maps, epi, air = _tissue_layout(rng, yy, xx, class_at_um=at_um, q=purities(evidence), mpp=mpp)
+    stroma = np.clip(1.0 - epi - air, 0.0, 1.0)
+    h_od = _haematoxylin(rng, maps, epi=epi, stroma=stroma, mpp=mpp)
+    e_od = _eosin(rng, yy, xx, epi=epi, stroma=stroma, mpp=mpp)
+    od = np.stack([h_od * (1.0 - 0.9 * air) + 0.04 * stroma, e_od]).astype(np.float32)
+    return _to_rgb(rng, od, yy, xx, mpp=mpp), maps
 
 
 def jpeg_roundtrip(image: np.ndarray, *, quality: int) -> np.ndarray:
