@@ -73,30 +73,38 @@ def run_ablations(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
     return write_table(workdir / "ablations", seeds=seeds, variants=variants, n_boot=n_boot)
 
 
-def _cell(stage_dir: pathlib.Path, *, n_boot: int) -> dict:
+def _cell(stage_dir: pathlib.Path, *, default_dir: pathlib.Path, n_boot: int) -> dict:
+    """One variant's figures, and its accuracy minus the default's on the same tiles (paired interval)."""
     result = json.loads((stage_dir / "result.json").read_text())
-    preds = report.load_predictions(stage_dir)
+    preds, default = report.load_predictions(stage_dir), report.load_predictions(default_dir)
     ci = metrics.bootstrap_ci(preds["labels"], preds["probs"], n_boot=n_boot, seed=0, groups=preds["slides"])
+    change = metrics.paired_accuracy_difference(preds["labels"], preds["probs"], default["probs"], n_boot=n_boot,
+                                                groups=preds["slides"])
     return {"accuracy": result["accuracy"], "accuracy_ci95": list(ci["accuracy"]), "macro_f1": result["macro_f1"],
-            "seconds": result.get("stage_seconds")}
+            "change_vs_default": list(change), "seconds": result.get("stage_seconds")}
 
 
 def write_table(root: pathlib.Path, *, seeds: Sequence[int], variants: Sequence[tuple[str, dict]],
                 n_boot: int = 1000) -> str:
     """``ablations.md`` / ``ablations.json`` from the finished variants under ``root``."""
-    cells = {name: {int(s): _cell(root / f"seed{int(s)}" / name / "student_kd", n_boot=n_boot) for s in seeds
-                    if (root / f"seed{int(s)}" / name / "student_kd" / "result.json").exists()}
+    default_name = variants[0][0]
+    cells = {name: {int(s): _cell(root / f"seed{int(s)}" / name / "student_kd", n_boot=n_boot,
+                                  default_dir=root / f"seed{int(s)}" / default_name / "student_kd") for s in seeds
+                    if (root / f"seed{int(s)}" / name / "student_kd" / "result.json").exists()
+                    and (root / f"seed{int(s)}" / default_name / "student_kd" / "result.json").exists()}
              for name, _ in variants}
-    default = cells[variants[0][0]]
-    lines = ["| variant | " + " | ".join(f"accuracy seed {s} (95% CI)" for s in seeds)
-             + " | mean | change vs default | mean distillation seconds |", "|" + "---|" * (len(seeds) + 4)]
+    lines = ["| variant | " + " | ".join(f"accuracy seed {s} (95% CI) | change vs default, seed {s} (paired 95% CI)"
+                                         for s in seeds) + " | mean | mean change | mean distillation seconds |",
+             "|" + "---|" * (2 * len(seeds) + 4)]
     for name, _ in variants:
         row = cells[name]
-        per_seed = " | ".join(f"{row[int(s)]['accuracy']:.3f} [{row[int(s)]['accuracy_ci95'][0]:.3f}, "
-                              f"{row[int(s)]['accuracy_ci95'][1]:.3f}]" if int(s) in row else "" for s in seeds)
+        per_seed = " | ".join(
+            f"{row[int(s)]['accuracy']:.3f} [{row[int(s)]['accuracy_ci95'][0]:.3f}, {row[int(s)]['accuracy_ci95'][1]:.3f}]"
+            " | " + ("" if name == default_name else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*row[int(s)]["change_vs_default"]))
+            if int(s) in row else " | " for s in seeds)
         mean = np.mean([c["accuracy"] for c in row.values()]) if row else math.nan
-        paired = [row[s]["accuracy"] - default[s]["accuracy"] for s in row if s in default]
-        change = f"{np.mean(paired):+.3f}" if paired and name != variants[0][0] else ""
+        changes = [c["change_vs_default"][0] for c in row.values()]
+        change = f"{np.mean(changes):+.3f}" if changes and name != default_name else ""
         secs = [c["seconds"] for c in row.values() if c["seconds"] is not None]
         lines.append(f"| {name} | {per_seed} | {mean:.3f} | {change} | {np.mean(secs):.0f} |" if secs else
                      f"| {name} | {per_seed} | {mean:.3f} | {change} | |")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from histokd_jax import atomic, plots, sweep
+from histokd_jax import atomic, metrics, plots, report, sweep
 
 
 def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
@@ -92,8 +92,22 @@ def _key(row: dict) -> str:
     return row["model"]
 
 
-def format_tables(by_seed: dict[int, list[dict]]) -> str:
-    """The models of every seed side by side, then the claims per seed."""
+def paired_gains(seed_dir: pathlib.Path, rows: Sequence[dict], *, n_boot: int = 1000) -> dict[int, tuple]:
+    """Per factor: the distilled student's accuracy minus the baseline's on the same test tiles, with a
+    paired 95% interval resampling whole slides (narrower than the two models' own intervals)."""
+    out = {}
+    for factor in sorted({r["factor"] for r in rows if r["role"] == "student_baseline"}):
+        kd, base = seed_dir / f"f{factor}" / "student_kd", seed_dir / f"f{factor}" / "student_baseline"
+        if not (kd / report.PREDICTIONS).exists() or not (base / report.PREDICTIONS).exists():
+            continue
+        a, b = report.load_predictions(kd), report.load_predictions(base)
+        out[factor] = metrics.paired_accuracy_difference(a["labels"], a["probs"], b["probs"], n_boot=n_boot,
+                                                         groups=a["slides"])
+    return out
+
+
+def format_tables(by_seed: dict[int, list[dict]], gains: dict[int, dict[int, tuple]] | None = None) -> str:
+    """The models of every seed side by side, the paired KD - baseline differences, then the claims."""
     seeds = sorted(by_seed)
     first = by_seed[seeds[0]]
     index = {s: {_key(r): r for r in by_seed[s]} for s in seeds}
@@ -112,6 +126,14 @@ def format_tables(by_seed: dict[int, list[dict]]) -> str:
         ratio = "" if r["flop_ratio"] is None else f"{r['flop_ratio']:.1f}"
         lines.append(f"| {r['model']} | {mag} | {r['input_px']} | {pool} | {per_seed} | {np.mean(accs):.3f} | "
                      f"{np.mean(f1s):.3f} | {r['gflops_per_image']:.4f} | {ratio} | {speed} |")
+    if gains:
+        factors = sorted({f for g in gains.values() for f in g})
+        lines += ["", "| distilled - baseline (paired, 95% CI over slides) | " + " | ".join(
+            f"seed {s}" for s in seeds) + " |", "|" + "---|" * (1 + len(seeds))]
+        for f in factors:
+            cells = [gains.get(s, {}).get(f) for s in seeds]
+            lines.append(f"| 1/{f} | " + " | ".join("" if c is None else f"{c[0]:+.3f} [{c[1]:+.3f}, {c[2]:+.3f}]"
+                                                   for c in cells) + " |")
     lines += ["", "| claim | target | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "|" + "---|" * (2 + len(seeds))]
     per_seed_claims = {s: claims(by_seed[s]) for s in seeds}
@@ -124,12 +146,14 @@ def format_tables(by_seed: dict[int, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(workdir: str | pathlib.Path, by_seed: dict[int, list[dict]]) -> str:
+def write_summary(workdir: str | pathlib.Path, by_seed: dict[int, list[dict]], *, n_boot: int = 1000) -> str:
     """``reproduce.md``/``reproduce.json`` and the two plots; returns the Markdown."""
     workdir = pathlib.Path(workdir)
-    text = format_tables(by_seed)
+    gains = {s: paired_gains(workdir / f"seed{s}", rows, n_boot=n_boot) for s, rows in by_seed.items()}
+    text = format_tables(by_seed, gains)
     atomic.write_json(workdir / "reproduce.json", {
         "rows": {str(s): rows for s, rows in by_seed.items()},
+        "kd_minus_baseline": {str(s): {str(f): list(v) for f, v in g.items()} for s, g in gains.items()},
         "claims": {str(s): [dataclasses.asdict(c) | {"holds": c.holds} for c in claims(rows)]
                    for s, rows in by_seed.items()}}, indent=1)
     atomic.write_text(workdir / "reproduce.md", "# Reproduction on the multi-scale benchmark\n\n" + text + "\n")
@@ -163,4 +187,4 @@ def run_reproduction(config: ml_collections.ConfigDict, workdir: str | pathlib.P
         if rows is None:
             return None
         by_seed[int(seed)] = rows
-    return write_summary(workdir, by_seed)
+    return write_summary(workdir, by_seed, n_boot=n_boot)

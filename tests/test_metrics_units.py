@@ -161,3 +161,29 @@ def test_check_batch_size_rejects_uneven_split_over_two_devices():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("OK")
+
+
+def test_paired_accuracy_difference_is_the_accuracy_gap_with_a_paired_interval():
+    from sklearn.metrics import accuracy_score
+
+    from histokd_jax.metrics import paired_accuracy_difference
+
+    rng = np.random.default_rng(0)
+    slides = np.repeat(np.arange(40), 25)
+    labels = rng.integers(0, 3, slides.size)
+    hard = rng.random(40)[slides] < 0.5  # half the slides are hard for both models
+    def model(p_right_easy, p_right_hard):
+        right = rng.random(slides.size) < np.where(hard, p_right_hard, p_right_easy)
+        guess = np.where(right, labels, (labels + 1) % 3)
+        return np.eye(3)[guess]
+    a, b = model(0.95, 0.6), model(0.9, 0.5)
+    diff, lo, hi = paired_accuracy_difference(labels, a, b, groups=slides, n_boot=500)
+    expected = accuracy_score(labels, a.argmax(1)) - accuracy_score(labels, b.argmax(1))
+    assert diff == pytest.approx(expected) and lo < diff < hi
+    # pairing cancels the shared slide effect: narrower than the two models' own intervals side by side
+    ci_a = metrics.bootstrap_ci(labels, a, n_boot=500, groups=slides)["accuracy"]
+    ci_b = metrics.bootstrap_ci(labels, b, n_boot=500, groups=slides)["accuracy"]
+    assert hi - lo < 0.7 * ((ci_a[1] - ci_a[0]) + (ci_b[1] - ci_b[0])) / 2
+    assert paired_accuracy_difference(labels, a, a, groups=slides, n_boot=50) == (0.0, 0.0, 0.0)
+    right, wrong = np.eye(3)[labels], np.eye(3)[(labels + 1) % 3]
+    assert paired_accuracy_difference(labels, right, wrong, n_boot=50) == (1.0, 1.0, 1.0)

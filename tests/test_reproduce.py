@@ -100,6 +100,7 @@ def test_reproduce_runs_two_seeds_and_writes_the_table_claims_and_plots(tmp_path
     assert manifests[0] == manifests[1] and index[0]["slides"] != index[1]["slides"]
     md = (tmp_path / "reproduce.md").read_text()
     assert "accuracy seed 0" in md and "accuracy seed 1" in md and "| KD beats baseline (1/4) |" in md
+    assert "| distilled - baseline (paired" in md and sorted(summary["kd_minus_baseline"]["0"]) == ["2", "4", "8"]
     assert md.split("\n", 2)[2] in done.stdout  # the tables, printed at the end
     for name in ("accuracy_vs_gflops.png", "accuracy_vs_pool.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
