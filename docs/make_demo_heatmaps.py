@@ -2,6 +2,7 @@
 
     python launch/train.py --config=configs/demo.py --workdir=/tmp/histokd-demo
     python docs/make_demo_heatmaps.py --workdir=/tmp/histokd-demo [--slide slides/slides/slide_0069.tiff]
+    python docs/make_demo_heatmaps.py --workdir=/tmp/histokd-reproduce/seed0 --student_workdir=/tmp/histokd-reproduce/seed0/f4
 
 Each model runs ``inference.predict_slides`` (what launch/predict.py does) over the slide; the two
 heatmaps are set side by side under a title each.
@@ -27,13 +28,16 @@ def main() -> None:
     parser.add_argument("--slide", default="slides/slides/slide_0069.tiff", help="relative to the workdir")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).with_name("demo_heatmaps.png")))
     parser.add_argument("--width", type=int, default=780, help="width of the figure in pixels")
+    parser.add_argument("--student_workdir", default="",
+                        help="where the distilled student is, if not in --workdir (e.g. a reproduction's seed0/f4)")
     args = parser.parse_args()
     workdir = pathlib.Path(args.workdir)
     slide = workdir / args.slide
     panels = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in ("teacher", "student"):
-            predictor = inference.load_predictor(workdir, model=model)
+            where = pathlib.Path(args.student_workdir) if model == "student" and args.student_workdir else workdir
+            predictor = inference.load_predictor(where, model=model)
             summaries, skipped = inference.predict_slides([(slide, None, None)], predictor=predictor,
                                                           out_dir=pathlib.Path(tmp) / model, show_progress=False)
             if skipped:
