@@ -67,7 +67,9 @@ def tiles_args(data, kind: str) -> tuple[str, ...]:
 
 
 def demo_args(data) -> tuple[str, ...]:
-    return ("--config=configs/demo.py", *TINY_FLAGS, *TINY_SLIDE_FLAGS, f"--config.data.root={data['slides']}")
+    # the fixture's slides are the chromatin generator's (shared with the manifest cases)
+    return ("--config=configs/demo.py", *TINY_FLAGS, *TINY_SLIDE_FLAGS, f"--config.data.root={data['slides']}",
+            "--config.data.generator=chromatin", "--config.data.class_names=('solid', 'speckled', 'vesicular')")
 
 
 def manifest_args(data) -> tuple[str, ...]:
