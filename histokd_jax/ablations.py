@@ -42,12 +42,8 @@ def variant_config(config: ml_collections.ConfigDict, overrides: dict, *, factor
     cell = sweep.cell_config(config, factor=factor, fraction=1.0, teacher_dir=teacher_dir,
                              data_dirs=sweep.shared_data(config, workdir=teacher_dir.parent))
     cell.stages = ("distill",)
-    for path, value in overrides.items():
-        *parents, leaf = path.split(".")
-        node = cell.distill
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    with cell.distill.unlocked():
+        cell.distill.update_from_flattened_dict(overrides)
     return cell
 
 
@@ -55,18 +51,20 @@ def run_ablations(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
                   factor: int = 4, variants: Sequence[tuple[str, dict]] = VARIANTS,
                   should_stop: Callable[[str, int], bool] | None = None, config_name: str = "this config",
                   n_boot: int = 1000) -> str | None:
-    """Every variant for every seed (the seed's teacher must exist: run the reproduction first)."""
+    """Every variant for every seed, each distilled from the seed's teacher in ``workdir/seed<s>/teacher``
+    (the reproduction's, or trained here on the same data when it is missing). None if stopped part-way."""
     from histokd_jax import trainer
 
     workdir = pathlib.Path(workdir).absolute()
     for seed in seeds:
-        teacher_dir = workdir / f"seed{int(seed)}" / "teacher"
-        if not (teacher_dir / "result.json").exists():
-            raise FileNotFoundError(f"no finished teacher in {teacher_dir}: run launch/reproduce.py with "
-                                    f"--workdir={workdir} --seeds={int(seed)} first")
+        seeded = seed_config(config, seed)
+        teacher_dir = sweep.train_teacher(seeded, workdir / f"seed{int(seed)}", should_stop=should_stop,
+                                          config_name=config_name)
+        if teacher_dir is None:
+            return None
         for name, overrides in variants:
             trainer.say(f"ablation: seed {seed}, {name}")
-            cell = variant_config(seed_config(config, seed), overrides, factor=factor, teacher_dir=teacher_dir)
+            cell = variant_config(seeded, overrides, factor=factor, teacher_dir=teacher_dir)
             out = workdir / "ablations" / f"seed{int(seed)}" / name
             if trainer.train_and_evaluate(cell, out, should_stop=should_stop, config_name=config_name) is None:
                 return None
@@ -84,30 +82,42 @@ def _cell(stage_dir: pathlib.Path, *, default_dir: pathlib.Path, n_boot: int) ->
             "change_vs_default": list(change), "seconds": result.get("stage_seconds")}
 
 
+def _seed_cells(cell: dict | None, *, is_default: bool) -> str:
+    """Two table cells for one seed: accuracy with its interval, and the paired change against the default."""
+    if cell is None:
+        return " | "
+    low, high = cell["accuracy_ci95"]
+    change = "" if is_default else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*cell["change_vs_default"])
+    return f"{cell['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {change}"
+
+
+def _finished(stage_dir: pathlib.Path) -> bool:
+    return (stage_dir / "result.json").exists()
+
+
 def write_table(root: pathlib.Path, *, seeds: Sequence[int], variants: Sequence[tuple[str, dict]],
                 n_boot: int = 1000) -> str:
     """``ablations.md`` / ``ablations.json`` from the finished variants under ``root``."""
     default_name = variants[0][0]
-    cells = {name: {int(s): _cell(root / f"seed{int(s)}" / name / "student_kd", n_boot=n_boot,
-                                  default_dir=root / f"seed{int(s)}" / default_name / "student_kd") for s in seeds
-                    if (root / f"seed{int(s)}" / name / "student_kd" / "result.json").exists()
-                    and (root / f"seed{int(s)}" / default_name / "student_kd" / "result.json").exists()}
-             for name, _ in variants}
+    cells = {}
+    for name, _ in variants:
+        cells[name] = {}
+        for s in (int(s) for s in seeds):
+            stage, default = (root / f"seed{s}" / n / "student_kd" for n in (name, default_name))
+            if _finished(stage) and _finished(default):
+                cells[name][s] = _cell(stage, default_dir=default, n_boot=n_boot)
     lines = ["| variant | " + " | ".join(f"accuracy seed {s} (95% CI) | change vs default, seed {s} (paired 95% CI)"
                                          for s in seeds) + " | mean | mean change | mean distillation seconds |",
              "|" + "---|" * (2 * len(seeds) + 4)]
     for name, _ in variants:
-        row = cells[name]
-        per_seed = " | ".join(
-            f"{row[int(s)]['accuracy']:.3f} [{row[int(s)]['accuracy_ci95'][0]:.3f}, {row[int(s)]['accuracy_ci95'][1]:.3f}]"
-            " | " + ("" if name == default_name else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*row[int(s)]["change_vs_default"]))
-            if int(s) in row else " | " for s in seeds)
+        row, is_default = cells[name], name == default_name
+        per_seed = " | ".join(_seed_cells(row.get(int(s)), is_default=is_default) for s in seeds)
         mean = np.mean([c["accuracy"] for c in row.values()]) if row else math.nan
         changes = [c["change_vs_default"][0] for c in row.values()]
-        change = f"{np.mean(changes):+.3f}" if changes and name != default_name else ""
+        change = f"{np.mean(changes):+.3f}" if changes and not is_default else ""
         secs = [c["seconds"] for c in row.values() if c["seconds"] is not None]
-        lines.append(f"| {name} | {per_seed} | {mean:.3f} | {change} | {np.mean(secs):.0f} |" if secs else
-                     f"| {name} | {per_seed} | {mean:.3f} | {change} | |")
+        seconds = f"{np.mean(secs):.0f}" if secs else ""
+        lines.append(f"| {name} | {per_seed} | {mean:.3f} | {change} | {seconds} |")
     text = "\n".join(lines)
     atomic.write_json(root / "ablations.json", {name: {str(s): c for s, c in row.items()} for name, row in cells.items()},
                       indent=1)

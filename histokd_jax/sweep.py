@@ -65,6 +65,23 @@ def cell_config(config: ml_collections.ConfigDict, *, factor: int, fraction: flo
     return cell
 
 
+def train_teacher(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+                  should_stop: Callable[[str, int], bool] | None = None,
+                  config_name: str = "this config") -> pathlib.Path | None:
+    """The sweep's teacher: ``config.teacher.checkpoint`` if given, else trained (or reused) in
+    ``workdir/teacher``, on the sweep's data. None if stopped part-way."""
+    from histokd_jax import trainer
+
+    if config.teacher.checkpoint:
+        return pathlib.Path(config.teacher.checkpoint)
+    first = ml_collections.ConfigDict(config.to_dict())
+    first.stages = ("teacher",)
+    first.train.final_report = False
+    if trainer.train_and_evaluate(first, workdir, should_stop=should_stop, config_name=config_name) is None:
+        return None
+    return workdir / "teacher"
+
+
 def run_sweep(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
               should_stop: Callable[[str, int], bool] | None = None, config_name: str = "this config",
               n_boot: int = 1000) -> list[dict] | None:
@@ -73,13 +90,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     from histokd_jax.models import check_groupnorm
 
     workdir = pathlib.Path(workdir).absolute()
-    teacher_dir = pathlib.Path(config.teacher.checkpoint) if config.teacher.checkpoint else workdir / "teacher"
-    if not config.teacher.checkpoint:
-        first = ml_collections.ConfigDict(config.to_dict())
-        first.stages = ("teacher",)
-        first.train.final_report = False
-        if trainer.train_and_evaluate(first, workdir, should_stop=should_stop, config_name=config_name) is None:
-            return None
+    teacher_dir = train_teacher(config, workdir, should_stop=should_stop, config_name=config_name)
+    if teacher_dir is None:
+        return None
     for factor in config.sweep.factors:
         student_px = config.data.teacher_px // int(factor)
         try:

@@ -17,37 +17,21 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so configs/ imports from any cwd
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app  # noqa: E402
 
-from histokd_jax import config_checks, runtime  # noqa: E402
+from histokd_jax import config_checks, seeded_runs  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "benchmark.py"),
-                                          "Path to a config file (default: configs/benchmark.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the reproduction (one sweep per seed).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds: each draws new slides and a new initialisation.")
-_BOOT = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the accuracy intervals.")
-flags.mark_flags_as_required(["workdir"])
+_FLAGS = seeded_runs.define_flags(
+    default_config=ROOT / "configs" / "benchmark.py",
+    workdir_help="Directory of the reproduction (one sweep per seed).",
+    seeds_help="Seeds: each draws new slides and a new initialisation.")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    runtime.prepare_runtime()
-    from histokd_jax import reproduce, sweep
+    from histokd_jax import reproduce
 
-    try:
-        seeds = [int(s) for s in _SEEDS.value]
-    except ValueError:
-        sys.exit(f"error: --seeds must be integers, got {','.join(_SEEDS.value)}")
-    try:
-        text = reproduce.run_reproduction(_CONFIG.value, _WORKDIR.value, seeds=seeds,
-                                          should_stop=runtime.StopOnSignal(),
-                                          config_name=flags.FLAGS["config"].config_filename, n_boot=_BOOT.value)
-    except sweep.UnfinishedStage as err:
-        sys.exit(f"error: {err}")
-    if text is None:
-        sys.exit("stopped before the end; run the same command again to resume")
-    print(text)
+    seeded_runs.run(reproduce.run_reproduction, _FLAGS)
 
 
 if __name__ == "__main__":
