@@ -62,6 +62,14 @@ def test_bad_slides_are_skipped_with_reasons_and_the_rest_indexed(tmp_path, slid
         rows = list(csv.DictReader(handle))
     assert [int(r["line"]) for r in rows] == [90, 91, 92, 93, 94, 95] and all(r["reason"] for r in rows)
 
+    # Two worker processes index the same slides, skip the same ones with the same reasons, in order.
+    usable2, skipped2 = slide_index.index_slides([*slide_set, *bad], settings=SETTINGS, workers=2,
+                                                 cache_dir=tmp_path / "cache2", show_progress=False)
+    assert [t.entry for t in usable2] == slide_set and [(e, r) for e, r in skipped2] == list(skipped)
+    for one, two in zip(usable, usable2):
+        np.testing.assert_array_equal(one.coords, two.coords)
+        np.testing.assert_array_equal(one.tissue, two.tissue)
+
     # The same slide with an mpp override in the manifest is usable.
     usable, skipped = slide_index.index_slides([entry(no_mpp, 95, mpp=1.0)], settings=SETTINGS,
                                                cache_dir=tmp_path / "cache", show_progress=False)

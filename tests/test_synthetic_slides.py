@@ -151,8 +151,10 @@ def test_manifest_rows(slide_set: Path) -> None:
 
 
 def test_deterministic_idempotent_and_checked(slide_set: Path, tmp_path: Path) -> None:
-    again = write_slide_set(tmp_path / "again", seed=5, **SET)
+    again = write_slide_set(tmp_path / "again", seed=5, workers=2, **SET)  # drawn by two processes
     assert again.read_bytes() == slide_set.read_bytes()
+    meta = [(p.parent / "synthetic_slides.json").read_text() for p in (slide_set, again)]
+    assert meta[0] == meta[1]
     for r in _manifest(slide_set):
         a = tifffile.imread(slide_set.parent / r["slide"], key=0)
         b = tifffile.imread(again.parent / r["slide"], key=0)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from histokd_jax import atomic
 from histokd_jax.messages import first_line, listed
-from histokd_jax.data import slides
+from histokd_jax.data import process_pool, slides
 from histokd_jax.data.manifest import SlideEntry
 from histokd_jax.data.sources import UNLABELED, digest, relative_paths
 
@@ -99,20 +99,32 @@ def index_slide(entry: SlideEntry, *, settings: IndexSettings, cache_dir: pathli
     return SlideTiles(entry, resolution.mpp, resolution.source, coords, tissue)
 
 
+def _index_or_reason(entry: SlideEntry, *, settings: IndexSettings, cache_dir: pathlib.Path) -> SlideTiles | str:
+    """The slide's tiles, or the one-line reason it cannot be used."""
+    try:
+        return index_slide(entry, settings=settings, cache_dir=cache_dir)
+    except READ_ERRORS as err:
+        return first_line(err)
+
+
 def index_slides(
-    entries: Sequence[SlideEntry], *, settings: IndexSettings, cache_dir: str | pathlib.Path, show_progress: bool = True
+    entries: Sequence[SlideEntry], *, settings: IndexSettings, cache_dir: str | pathlib.Path, show_progress: bool = True,
+    workers: int | None = None,
 ) -> tuple[list[SlideTiles], list[tuple[SlideEntry, str]]]:
-    """(usable slides, skipped (entry, reason)); writes ``cache_dir/skipped_slides.csv``."""
+    """(usable slides, skipped (entry, reason)); writes ``cache_dir/skipped_slides.csv``. Slides are
+    indexed by ``workers`` processes (default: one per core for 16 slides or more), in manifest order."""
     cache_dir = pathlib.Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     usable, skipped = [], []
-    for entry in tqdm(entries, desc="indexing slides", unit="slide", disable=not show_progress):
-        try:
-            usable.append(index_slide(entry, settings=settings, cache_dir=cache_dir))
-        except READ_ERRORS as err:
-            reason = first_line(err)
-            log.warning("skipping slide %s (manifest line %d): %s", entry.path, entry.line, reason)
-            skipped.append((entry, reason))
+    indexed = process_pool.map_in_order(functools.partial(_index_or_reason, settings=settings, cache_dir=cache_dir),
+                                        list(entries), workers=workers)
+    for entry, tiles in tqdm(zip(entries, indexed), total=len(entries), desc="indexing slides", unit="slide",
+                             disable=not show_progress):
+        if isinstance(tiles, SlideTiles):
+            usable.append(tiles)
+        else:
+            log.warning("skipping slide %s (manifest line %d): %s", entry.path, entry.line, tiles)
+            skipped.append((entry, tiles))
     csv_path = cache_dir / "skipped_slides.csv"
     # rows of slides an earlier run dropped from an evaluation stay: that stage may not evaluate again
     dropped_earlier = [row for row in _read_skipped(csv_path) if row[-1].startswith(EVALUATION_DROP)]

@@ -23,6 +23,7 @@ chosen µm/px, weak slide labels) can be exercised end to end without real data.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ import numpy as np
 import tifffile
 
 from histokd_jax import atomic
-from histokd_jax.data import multiscale
+from histokd_jax.data import multiscale, process_pool
 from histokd_jax.data.render_ops import smooth_noise as _smooth_noise
 from histokd_jax.data.synthetic import CLASS_NAMES, render_tile, stored_meta
 from histokd_jax.data.views import area_downsample
@@ -231,12 +232,17 @@ def _check_existing(root: Path, params: dict) -> Path | None:
     return None if meta is None else root / "manifest.csv"
 
 
+def _write_job(job: tuple[int, tuple[int | None, str, int]], *, root: Path, **settings) -> dict:
+    k, (label, _split, seed) = job
+    return write_slide(root / f"slides/slide_{k:04d}.tiff", label=label, seed=seed, **settings)
+
+
 def write_slide_set(root: str | os.PathLike, *, seed: int, n_per_class: int | Mapping[str, int] = 4,
                     n_unlabeled: int = 2, splits: Mapping[str, float] = DEFAULT_SPLITS,
                     tile_grid: tuple[int, int] = (8, 8), tile_px: int = 64, mpp: float = 1.0,
                     levels: Sequence[int] = (1, 4, 16), background_fraction: float = 0.4,
                     generator: str = "chromatin", evidence: float = 1.0, n_test_per_class: int = 0,
-                    show_progress: bool = False) -> Path:
+                    show_progress: bool = False, workers: int | None = None) -> Path:
     """Write ``root/slides/*.tiff``, ``root/manifest.csv`` (slide,label,split,mpp) and
     ``root/synthetic_slides.json``; return the manifest path.
 
@@ -246,6 +252,8 @@ def write_slide_set(root: str | os.PathLike, *, seed: int, n_per_class: int | Ma
     ``n_test_per_class`` adds that many test slides per class beyond the apportioned ones (the
     paper's regime: few labelled slides, a test set large enough for narrow intervals).
     Unlabelled slides are mixed-class and go to ``train`` with an empty label.
+    ``workers`` processes draw the slides (default: one per core for sets of 16 slides or more); each
+    slide depends only on its seed, so the set is the same for any number.
     Idempotent: same parameters reuse the set, different ones raise ValueError;
     the set is built in a temporary sibling directory and renamed into place."""
     root = Path(root)
@@ -284,17 +292,17 @@ def write_slide_set(root: str | os.PathLike, *, seed: int, n_per_class: int | Ma
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
         (tmp / "slides").mkdir()
-        it = enumerate(jobs)
+        write = functools.partial(_write_job, root=tmp, tile_grid=tuple(params["tile_grid"]),
+                                  tile_px=params["tile_px"], mpp=params["mpp"], levels=params["levels"],
+                                  background_fraction=params["background_fraction"], generator=generator,
+                                  evidence=float(evidence))
+        written = process_pool.map_in_order(write, list(enumerate(jobs)), workers=workers)
         if show_progress:
             from tqdm.auto import tqdm
-            it = tqdm(it, total=len(jobs), desc=f"synthetic slides -> {root.name}", unit="slide")
+            written = tqdm(written, total=len(jobs), desc=f"synthetic slides -> {root.name}", unit="slide")
         rows, slides = [], []
-        for k, (c, split, s) in it:
+        for (k, (c, split, s)), out in zip(enumerate(jobs), written):
             rel = f"slides/slide_{k:04d}.tiff"
-            out = write_slide(tmp / rel, label=c, seed=s, tile_grid=tuple(params["tile_grid"]),
-                              tile_px=params["tile_px"], mpp=params["mpp"], levels=params["levels"],
-                              background_fraction=params["background_fraction"], generator=generator,
-                              evidence=float(evidence))
             rows.append((rel, out["label_name"], split, repr(params["mpp"])))
             present = out["tile_labels"][out["tissue_fraction"] > 0.5]  # diagnostics: true classes in tissue
             slides.append({"slide": rel, "label": out["label_name"], "split": split, "seed": int(s),
