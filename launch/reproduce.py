@@ -1,4 +1,5 @@
-"""The paper's experiments on the multi-scale benchmark, in one command (<= 90 minutes on 2 CPU cores).
+"""The paper's experiments on the multi-scale benchmark, in one command (about 95 minutes on
+2 CPU cores; README).
 
     python launch/reproduce.py --workdir=/tmp/histokd-reproduce
 
