@@ -47,8 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teacher.steps = 600
     for stage in ("distill", "baseline", "control"):
         c[stage].steps = 400
-    # Two student views per teacher pass: distillation ~35% faster, accuracy within noise of one view in the
-    # ablations (+0.014 and +0.008 at 2.5x; README, "Ablations").
+    # Two student views per teacher pass: distillation ~35% faster; against one view +0.014 and +0.008 at 2.5x
+    # (seeds 0, 1), -0.014 at 5x and -0.010 at 1.25x (seed 0): within a training run's noise (BENCHMARKS.md).
     c.distill.views_per_crop = 2
     c.train.log_every_steps = 25
     c.train.checkpoint_every_steps = 100

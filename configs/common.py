@@ -97,8 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.loss.w_kl = 1.0
     c.distill.loss.w_feat = 1.0
     c.distill.loss.w_ce = 0.0
-    # 4: the ablations' consistent winner at 2.5x on both seeds (+0.010 and +0.022 over 1; README, "Ablations")
-    c.distill.loss.temperature = 4.0
+    # 1: temperature 4 gained at 2.5x on both seeds (+0.010, +0.022) but lost at 5x and 1.25x (-0.022, -0.021
+    # on seed 0); BENCHMARKS.md, "Ablations"
+    c.distill.loss.temperature = 1.0
     c.distill.loss.feature_kind = "l2"  # "l2" | "l1"
     c.distill.loss.feature_resize = "maxpool"  # "maxpool" | "bicubic" | "maxpool+bicubic"
     # Cheaper teacher targets (histokd_jax/teacher_targets.py; measured in BENCHMARKS.md). Defaults: the teacher

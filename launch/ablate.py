@@ -4,8 +4,9 @@
     python launch/reproduce.py --workdir=/tmp/histokd-reproduce
     python launch/ablate.py --workdir=/tmp/histokd-reproduce
 
-At 2.5x (``--factor=4``), per seed: KL alone, KL + feature loss (max-pool / bicubic / both), + cross-entropy
-on the labelled tiles, temperature 2 and 4, ``views_per_crop`` 2 and 4, the target cache, the bf16 teacher.
+At 2.5x (``--factor=4``), per seed, each against the configs' default: KL alone, KL + feature loss (max-pool /
+bicubic / both), + cross-entropy on the labelled tiles, temperature 2 and 4, ``views_per_crop`` 1 and 4, the
+target cache, the bf16 teacher (``histokd_jax.ablations.VARIANTS``).
 Writes ``ablations/ablations.md`` (accuracy per seed, mean, change against the default objective, wall
 time). Rerunning resumes.
 """
