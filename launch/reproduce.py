@@ -1,4 +1,4 @@
-"""The paper's experiments on the multi-scale benchmark, in one command (about 95 minutes on
+"""The paper's experiments on the multi-scale benchmark, in one command (50 minutes measured on
 2 CPU cores; README).
 
     python launch/reproduce.py --workdir=/tmp/histokd-reproduce
