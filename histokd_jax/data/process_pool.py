@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 # a spawned worker's start (~1 s of imports) costs about one slide: below this, stay in-process
@@ -25,5 +26,15 @@ def map_in_order(fn: Callable, jobs: Sequence, *, workers: int | None = None) ->
     if workers == 1:
         yield from map(fn, jobs)
         return
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(fn, jobs)
+    done = 0
+    try:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for result in pool.map(fn, jobs):
+                yield result
+                done += 1
+    except concurrent.futures.process.BrokenProcessPool:
+        # A spawned worker re-imports the caller's script; one without a main guard starts this pool again
+        # inside it and the worker dies. The results do not depend on the worker count: finish here.
+        warnings.warn("worker processes failed to start (a script that runs training at import needs "
+                      "`if __name__ == \"__main__\":`); continuing in this process", RuntimeWarning, stacklevel=2)
+        yield from map(fn, jobs[done:])
