@@ -262,7 +262,7 @@ def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: st
         "input_px": predictor.input_px, "tile_um": predictor.tile_um, "level": int(level),
         "level_downsample": level_downsample, "levels": len(slide_levels),
         "tiles": int(len(coords)), "seconds": round(seconds, 3), "tiles_per_s": round(len(coords) / seconds, 1),
-        "timings_s": {k: round(v, 4) for k, v in clock.seconds.items()}, "read_mpx": round(read_px[0] / 1e6, 3),
+        "timings_s": {k: round(v, 4) for k, v in clock.seconds.items()}, "read_mpx": round(read_px[0] / 1e6, 6),
         "heatmap_mpp": heat_mpp,
     }
     atomic.write_json(out_dir / f"{name}.json", summary, indent=1)  # last: its presence marks the slide done

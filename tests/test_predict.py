@@ -269,3 +269,19 @@ def test_a_slide_named_like_the_runs_own_files_does_not_overwrite_them(tmp_path)
         assert [r["slide"] for r in csv.DictReader(handle)] == [str(tmp_path / "gone.svs")]
     _, probs = read_csv_classes(out / f"{inference.hashed_name(clash)}.csv", ("pink", "blue"))
     assert (probs[:, 0] > 0.5).all()
+
+
+def test_the_summary_splits_the_wall_time_and_counts_the_pixels_read(tmp_path):
+    """The phases of ``timings_s`` are all there and, but for the read-ahead thread's ``read`` (which
+    overlaps ``compute``), add up to no more than the wall time; ``read_mpx`` is one 16 x 16 level-1 read
+    per tile (a row of a disc is contiguous, so each strip reads exactly its tiles)."""
+    slide = plain_slide(tmp_path / "p.tiff", (215, 95, 160), seed=4)
+    summary = inference.predict_slide(slide, predictor=redness_predictor([]), out_dir=tmp_path / "o",
+                                      show_progress=False)
+    timings = summary["timings_s"]
+    assert set(timings) == {"mask", "read", "read_wait", "compute", "outputs"}
+    assert all(v >= 0 for v in timings.values())
+    serial = timings["mask"] + timings["read_wait"] + timings["compute"] + timings["outputs"]
+    assert serial <= summary["seconds"] + 1e-3
+    assert summary["level"] == 1 and summary["tiles"] > 0
+    assert summary["read_mpx"] * 1e6 == pytest.approx(summary["tiles"] * 16 * 16)
