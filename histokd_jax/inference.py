@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from histokd_jax import atomic, checkpoint, evaluation, parallel, report
+from histokd_jax import cascade as cascade_rules
 from histokd_jax.data import slides
 from histokd_jax.data.splits import resolve_downsample
 from histokd_jax.messages import first_line
@@ -178,29 +179,87 @@ class _Clock:
             self.seconds[phase] += time.perf_counter() - t0
 
 
+@dataclasses.dataclass(frozen=True)
+class Cascade:
+    """A teacher that re-reads, at its own magnification, the tiles ``rule`` sends it."""
+
+    teacher: Predictor
+    rule: cascade_rules.Rule
+
+
+def _predict_tiles(slide, *, coords: np.ndarray, predictor: Predictor, base_mpp: float, side: float,
+                   strip_tiles: int, clock: _Clock, phase: str, desc: str,
+                   show_progress: bool) -> tuple[np.ndarray, int, int]:
+    """``predictor``'s probabilities for the tiles at level-0 top-lefts ``coords``, read from its level;
+    (probs, level, level pixels read). Time goes to the clock's ``<phase>read``, ``read_wait``, ``compute``."""
+    level, factor = slides.choose_level(slide.level_downsamples, base_mpp=base_mpp, target_mpp=predictor.input_mpp)
+    strips = tile_strips(coords, side=side, strip_tiles=strip_tiles)
+    read_px = [0]
+
+    def read(idx):
+        with clock(f"{phase}read"):
+            images = read_strip(slide, coords=coords[idx], level=level, factor=factor, base_mpp=base_mpp,
+                                target_mpp=predictor.input_mpp, px=predictor.input_px, side=side)
+        read_px[0] += images.shape[0] * images.shape[1] * images.shape[2] * factor * factor
+        return idx, images
+
+    probs = np.zeros((len(coords), len(predictor.class_names)), np.float32)
+    bar = tqdm(total=len(coords), desc=desc, unit="tile", disable=not show_progress, leave=False)
+    batches = _batches(_prefetched(strips, read), predictor.batch_size)
+    while True:
+        with clock(f"{phase}read_wait"):
+            idx, images = next(batches, (None, None))
+        if idx is None:
+            break
+        with clock(f"{phase}compute"):
+            padded = np.zeros((predictor.batch_size, *images.shape[1:]), np.uint8)
+            padded[:len(images)] = images
+            probs[idx] = predictor.apply(padded)[:len(images)]
+        bar.update(len(idx))
+    bar.close()
+    return probs, level, read_px[0]
+
+
+def _check_cascade(cascade: Cascade, predictor: Predictor) -> None:
+    teacher = cascade.teacher
+    if teacher.class_names != predictor.class_names:
+        raise ValueError(f"the cascade's teacher has classes {teacher.class_names}, the student "
+                         f"{predictor.class_names}")
+    if not math.isclose(teacher.tile_um, predictor.tile_um, rel_tol=1e-3):
+        raise ValueError(f"the cascade's teacher sees {teacher.tile_um:.4g} µm tiles, the student "
+                         f"{predictor.tile_um:.4g} µm: they must cover the same tissue")
+
+
 def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: str | pathlib.Path,
                   mpp: float | None = None, min_tissue: float = 0.5, thumb_mpp: float = 8.0,
                   heatmap_mpp: float | None = None, strip_tiles: int = 32, label: str | None = None,
-                  name: str | None = None, show_progress: bool = True) -> dict:
+                  name: str | None = None, cascade: Cascade | None = None, show_progress: bool = True) -> dict:
     """Run ``predictor`` over the tissue of one slide and write its four outputs, ``out_dir/<name>.*``
     (default name: the slide's stem); returns the summary.
+
+    With a ``cascade``, its teacher then re-reads the tiles its rule picks from ``predictor``'s
+    probabilities, and its probabilities replace the student's there; the tile CSV says which model
+    decided each tile and the student's confidence, the summary's ``cascade`` how many went where.
 
     The summary's ``timings_s`` splits the wall time (``seconds``): ``mask`` (thumbnail, tissue
     mask, tile grid), ``read`` (strip reads and decoding, on a background thread, so they overlap
     ``compute``), ``read_wait`` (time the model waited for reads), ``compute`` (the forward passes)
-    and ``outputs`` (the heatmap's thumbnail and the four files); ``read_mpx`` counts the level
-    pixels read (millions)."""
+    and ``outputs`` (the heatmap's thumbnail and the four files), and ``teacher_read`` / ``_read_wait``
+    / ``_compute`` for a cascade's teacher; ``read_mpx`` counts the level pixels read (millions)."""
     path = pathlib.Path(path)
     name = name or path.stem
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cascade is not None:
+        _check_cascade(cascade, predictor)
     started, clock = time.perf_counter(), _Clock()
     with slides.open_slide(path) as slide:
         with clock("mask"):
             resolution = slides.slide_mpp(slide, override=mpp)
-            if resolution.mpp > predictor.input_mpp * 1.02:
+            finest = min([predictor.input_mpp] + ([cascade.teacher.input_mpp] if cascade else []))
+            if resolution.mpp > finest * 1.02:
                 raise ValueError(f"level 0 is {resolution.mpp:.3g} µm/px, coarser than the model's "
-                                 f"{predictor.input_mpp:.3g} µm/px")
+                                 f"{finest:.3g} µm/px")
             mask_thumb, mask_mpp = slides.read_thumbnail(slide, base_mpp=resolution.mpp, target_mpp=thumb_mpp)
             mask = slides.mask_of_thumbnail(mask_thumb)
             side = predictor.tile_um / resolution.mpp
@@ -209,33 +268,14 @@ def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: st
                                          min_tissue=min_tissue)
         if not len(coords):
             raise ValueError("no tissue tiles (nothing passed the tissue mask and min_tissue)")
-        level, factor = slides.choose_level(slide.level_downsamples, base_mpp=resolution.mpp,
-                                            target_mpp=predictor.input_mpp)
-        level_downsample, slide_levels = float(slide.level_downsamples[level]), slide.level_downsamples
-        strips = tile_strips(coords, side=side, strip_tiles=strip_tiles)
-        read_px = [0]
-
-        def read(idx):
-            with clock("read"):
-                images = read_strip(slide, coords=coords[idx], level=level, factor=factor, base_mpp=resolution.mpp,
-                                    target_mpp=predictor.input_mpp, px=predictor.input_px, side=side)
-            read_px[0] += images.shape[0] * images.shape[1] * images.shape[2] * factor * factor
-            return idx, images
-
-        probs = np.zeros((len(coords), len(predictor.class_names)), np.float32)
-        bar = tqdm(total=len(coords), desc=path.name, unit="tile", disable=not show_progress, leave=False)
-        batches = _batches(_prefetched(strips, read), predictor.batch_size)
-        while True:
-            with clock("read_wait"):
-                idx, images = next(batches, (None, None))
-            if idx is None:
-                break
-            with clock("compute"):
-                padded = np.zeros((predictor.batch_size, *images.shape[1:]), np.uint8)
-                padded[:len(images)] = images
-                probs[idx] = predictor.apply(padded)[:len(images)]
-            bar.update(len(idx))
-        bar.close()
+        tiles = dict(coords=coords, base_mpp=resolution.mpp, side=side, strip_tiles=strip_tiles, clock=clock,
+                     show_progress=show_progress)
+        probs, level, read_px = _predict_tiles(slide, predictor=predictor, phase="", desc=path.name, **tiles)
+        extra_columns, cascade_summary = {}, {}
+        if cascade is not None:
+            probs, extra_columns, cascade_summary, teacher_px = _cascade_step(slide, cascade, probs=probs,
+                                                                              desc=path.name, **tiles)
+            read_px += teacher_px
         with clock("outputs"):
             # default: about 1024 px across the slide's longer side, never finer than level 0
             heat_mpp = heatmap_mpp or max(resolution.mpp, max(slide.dimensions) * resolution.mpp / 1024)
@@ -243,30 +283,52 @@ def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: st
                 thumb, heat_mpp = mask_thumb, mask_mpp  # the same read: reuse it
             else:
                 thumb, heat_mpp = slides.read_thumbnail(slide, base_mpp=resolution.mpp, target_mpp=heat_mpp)
+            level_downsample, levels = float(slide.level_downsamples[level]), len(slide.level_downsamples)
     with clock("outputs"):
         write_tile_csv(out_dir / f"{name}.csv", coords=coords, side=side, probs=probs,
-                       class_names=predictor.class_names)
+                       class_names=predictor.class_names, extra=extra_columns)
         write_geojson(out_dir / f"{name}.geojson", coords=coords, side=side, probs=probs,
-                      class_names=predictor.class_names)
+                      class_names=predictor.class_names, decided_by=extra_columns.get("decided_by"))
         write_heatmap(out_dir / f"{name}.heatmap.png", thumb=thumb, thumb_mpp=heat_mpp, base_mpp=resolution.mpp,
                       coords=coords, side=side, probs=probs, class_names=predictor.class_names)
     seconds = time.perf_counter() - started
     mean = probs.mean(0)
     summary = {
         "slide": str(path), "slide_resolved": _slide_key(path), "name": name,
-        "model": predictor.role, "checkpoint": predictor.source,
+        "model": "cascade" if cascade else predictor.role, "checkpoint": predictor.source,
         "predicted": predictor.class_names[int(mean.argmax())],
         "probs": {c: round(float(p), 5) for c, p in zip(predictor.class_names, mean)}, "aggregation": "mean",
         **({"label": label} if label else {}),
         "slide_mpp": resolution.mpp, "mpp_source": resolution.source, "input_mpp": predictor.input_mpp,
         "input_px": predictor.input_px, "tile_um": predictor.tile_um, "level": int(level),
-        "level_downsample": level_downsample, "levels": len(slide_levels),
+        "level_downsample": level_downsample, "levels": levels,
         "tiles": int(len(coords)), "seconds": round(seconds, 3), "tiles_per_s": round(len(coords) / seconds, 1),
-        "timings_s": {k: round(v, 4) for k, v in clock.seconds.items()}, "read_mpx": round(read_px[0] / 1e6, 6),
-        "heatmap_mpp": heat_mpp,
+        "timings_s": {k: round(v, 4) for k, v in clock.seconds.items()}, "read_mpx": round(read_px / 1e6, 6),
+        "heatmap_mpp": heat_mpp, **({"cascade": cascade_summary} if cascade else {}),
     }
     atomic.write_json(out_dir / f"{name}.json", summary, indent=1)  # last: its presence marks the slide done
     return summary
+
+
+def _cascade_step(slide, cascade: Cascade, *, probs: np.ndarray, coords: np.ndarray, desc: str,
+                  **tiles: Any) -> tuple[np.ndarray, dict, dict, int]:
+    """The teacher's pass over the tiles the rule picks from the student's ``probs``: (probs with the
+    teacher's where it decided, the CSV's extra columns, the summary's ``cascade``, level pixels read)."""
+    to_teacher = cascade.rule.to_teacher(probs)
+    confidence = cascade.rule.confidence(probs)
+    probs, teacher_level, read_px = probs.copy(), None, 0
+    if to_teacher.any():
+        chosen = np.flatnonzero(to_teacher)
+        probs[chosen], teacher_level, read_px = _predict_tiles(
+            slide, coords=coords[chosen], predictor=cascade.teacher, phase="teacher_", desc=f"{desc} (teacher)",
+            **tiles)
+    columns = {"decided_by": np.where(to_teacher, "teacher", "student"),
+               f"student_{cascade.rule.score}": np.round(confidence, 5)}
+    summary = {**cascade.rule.describe(), "teacher_checkpoint": cascade.teacher.source,
+               "teacher_input_mpp": cascade.teacher.input_mpp, "teacher_input_px": cascade.teacher.input_px,
+               "teacher_level": teacher_level, "to_teacher": int(to_teacher.sum()),
+               "teacher_share": round(float(to_teacher.mean()), 5)}
+    return probs, columns, summary, read_px
 
 
 def _rectangles(coords: np.ndarray, side: float) -> np.ndarray:
@@ -276,20 +338,22 @@ def _rectangles(coords: np.ndarray, side: float) -> np.ndarray:
 
 
 def write_tile_csv(path: pathlib.Path, *, coords: np.ndarray, side: float, probs: np.ndarray,
-                   class_names: Sequence[str]) -> None:
+                   class_names: Sequence[str], extra: dict[str, np.ndarray] | None = None) -> None:
+    """One row per tile: its rectangle, class probabilities and the ``extra`` columns (one value per tile)."""
+    extra = extra or {}
     with atomic.atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["minx", "miny", "width", "height", *(f"prob_{c}" for c in class_names)])
-        for rect, p in zip(_rectangles(coords, side), probs):
-            writer.writerow([*rect.tolist(), *(f"{v:.5f}" for v in p)])
+        writer.writerow(["minx", "miny", "width", "height", *(f"prob_{c}" for c in class_names), *extra])
+        for i, (rect, p) in enumerate(zip(_rectangles(coords, side), probs)):
+            writer.writerow([*rect.tolist(), *(f"{v:.5f}" for v in p), *(column[i] for column in extra.values())])
 
 
 def write_geojson(path: pathlib.Path, *, coords: np.ndarray, side: float, probs: np.ndarray,
-                  class_names: Sequence[str]) -> None:
+                  class_names: Sequence[str], decided_by: Sequence[str] | None = None) -> None:
     """A FeatureCollection of tile polygons (level-0 px, as QuPath expects), classified by the top class,
-    with every class probability as a measurement."""
+    with every class probability as a measurement (and, in a cascade, the model that decided it)."""
     features = []
-    for (x, y, w, h), p in zip(_rectangles(coords, side).tolist(), probs):
+    for i, ((x, y, w, h), p) in enumerate(zip(_rectangles(coords, side).tolist(), probs)):
         top = int(p.argmax())
         features.append({
             "type": "Feature",
@@ -298,6 +362,7 @@ def write_geojson(path: pathlib.Path, *, coords: np.ndarray, side: float, probs:
                 "objectType": "tile",
                 "classification": {"name": class_names[top], "color": list(PALETTE[top % len(PALETTE)])},
                 "measurements": {f"prob_{c}": round(float(v), 5) for c, v in zip(class_names, p)},
+                **({"decided_by": str(decided_by[i])} if decided_by is not None else {}),
             },
         })
     atomic.write_json(path, {"type": "FeatureCollection", "features": features}, indent=None)
@@ -390,13 +455,26 @@ def output_names(paths: Sequence[str | pathlib.Path], *, out_dir: str | pathlib.
     return names
 
 
+def _made_by(summary: dict) -> tuple:
+    """What produced a slide's outputs: the checkpoint, and the cascade's teacher and rule."""
+    chain = summary.get("cascade") or {}
+    return (summary.get("checkpoint"), chain.get("teacher_checkpoint"),
+            *(chain.get(k) for k in ("score", "threshold", "budget")))
+
+
+def _made_by_now(predictor: Predictor, cascade: Cascade | None) -> tuple:
+    if cascade is None:
+        return predictor.source, None, None, None, None
+    return (predictor.source, cascade.teacher.source, *cascade.rule.describe().values())
+
+
 def predict_slides(entries: Sequence[tuple[pathlib.Path, float | None, str | None]], *, predictor: Predictor,
                    out_dir: str | pathlib.Path, overwrite: bool = False, **kwargs: Any) -> tuple[list[dict], list]:
     """Every slide of ``entries`` ((path, mpp override or None, label or None)); (summaries, skipped).
 
-    Outputs are named by ``output_names``; each summary says its ``name``. A slide whose outputs are complete is not recomputed (unless ``overwrite``);
-    a bad one is skipped with a one-line reason, logged and listed in
-    ``out_dir/skipped_slides.csv``, and the rest go on.
+    Outputs are named by ``output_names``; each summary says its ``name``. A slide whose outputs are
+    complete, from the same model (and cascade), is not recomputed (unless ``overwrite``); a bad one is
+    skipped with a one-line reason, logged and listed in ``out_dir/skipped_slides.csv``, and the rest go on.
     """
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -404,9 +482,12 @@ def predict_slides(entries: Sequence[tuple[pathlib.Path, float | None, str | Non
     names = output_names([path for path, _, _ in entries], out_dir=out_dir)
     for (path, mpp, label), name in zip(entries, names):
         if not overwrite and outputs_complete(name, out_dir):
-            summaries.append({**json.loads((out_dir / f"{name}.json").read_text()), "name": name})
-            log.info("%s: outputs complete (%s.*), not recomputed", path, name)
-            continue
+            done = json.loads((out_dir / f"{name}.json").read_text())
+            if _made_by(done) == _made_by_now(predictor, kwargs.get("cascade")):
+                summaries.append({**done, "name": name})
+                log.info("%s: outputs complete (%s.*), not recomputed", path, name)
+                continue
+            log.warning("%s: the outputs in %s were made by %s: recomputed", path, out_dir, _made_by(done))
         try:
             summaries.append(predict_slide(path, predictor=predictor, out_dir=out_dir, mpp=mpp, label=label,
                                            name=name, **kwargs))

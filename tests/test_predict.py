@@ -285,3 +285,33 @@ def test_the_summary_splits_the_wall_time_and_counts_the_pixels_read(tmp_path):
     assert serial <= summary["seconds"] + 1e-3
     assert summary["level"] == 1 and summary["tiles"] > 0
     assert summary["read_mpx"] * 1e6 == pytest.approx(summary["tiles"] * 16 * 16)
+
+
+def test_the_cascade_on_a_trained_run_keeps_the_students_sure_tiles_and_takes_the_teachers_elsewhere(trained, tmp_path):
+    """``--cascade --cascade_budget=0.25``: a quarter of the tiles, the student's least sure, carry the
+    teacher's probabilities (as the teacher alone gives them), the rest the student's (as alone)."""
+    slide = tmp_path / "mixed_cascade.tiff"
+    colour_slide(slide, label=None, seed=41)
+    done = predict(f"--checkpoint={trained}", "--cascade", "--cascade_budget=0.25", f"--out={tmp_path / 'c'}",
+                   str(slide))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for model in ("student", "teacher"):
+        inference.predict_slide(slide, predictor=inference.load_predictor(trained, model=model),
+                                out_dir=tmp_path / model, show_progress=False)
+    with open(tmp_path / "c" / "mixed_cascade.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rects, probs = read_csv(tmp_path / "c" / "mixed_cascade.csv")
+    student_rects, student = read_csv(tmp_path / "student" / "mixed_cascade.csv")
+    teacher_rects, teacher = read_csv(tmp_path / "teacher" / "mixed_cascade.csv")
+    assert (rects == student_rects).all() and (rects == teacher_rects).all()
+    to_teacher = np.array([r["decided_by"] == "teacher" for r in rows])
+    assert to_teacher.sum() == round(0.25 * len(rows))
+    np.testing.assert_allclose(probs[to_teacher], teacher[to_teacher], atol=2e-4)
+    np.testing.assert_allclose(probs[~to_teacher], student[~to_teacher], atol=2e-4)
+    top2 = np.sort(student, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    assert margin[to_teacher].max() <= margin[~to_teacher].min() + 2e-4  # the least sure went
+    summary = json.loads((tmp_path / "c" / "mixed_cascade.json").read_text())
+    assert summary["cascade"]["to_teacher"] == to_teacher.sum() and summary["cascade"]["teacher_level"] == 0
+    refused = predict(f"--checkpoint={trained}", "--cascade_threshold=0.5", f"--out={tmp_path / 'x'}", str(slide))
+    assert refused.returncode != 0 and "need --cascade" in refused.stderr
