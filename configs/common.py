@@ -62,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.flips = True
     c.data.rot90 = True
     c.data.jitter = (0.5, 0.5, 0.5, 0.2)  # brightness, contrast, saturation, hue (the paper's values)
+    # Share of training student views made like a scanner's pyramid level (Lanczos or bicubic, then JPEG
+    # q70-95) instead of the block mean: what launch/predict.py reads from real slides (BENCHMARKS.md).
+    c.data.scanlike_student_views = 0.0
     c.data.workers = 2  # grain worker processes; 0 loads in the main process
     # Synthetic data only (data.kind "synthetic" or "synthetic_slides"). generator: "chromatin" (class evidence
     # in 1-3 µm nuclear texture alone, the hardest setting) or "multiscale" (evidence in architecture, cell

@@ -275,3 +275,61 @@ def test_fused_color_jitter_equals_the_operations_one_by_one(strengths):
     expected = _jitter_one_by_one(image.astype(np.float64), np.random.default_rng(5), b, c, s, h)
     got = views.color_jitter(image, np.random.default_rng(5), brightness=b, contrast=c, saturation=s, hue=h)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- scanner-like student views
+
+
+def smooth_tile(px: int, seed: int) -> np.ndarray:
+    """Smooth colour gradients plus mild noise: JPEG and any smoothing filter keep its block means close."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:px, 0:px] / px
+    base = np.stack([150 + 60 * np.sin(3 * xx + 1), 90 + 50 * yy, 170 - 40 * xx * yy], -1)
+    return np.clip(np.rint(base + rng.normal(0, 4, base.shape)), 0, 255).astype(np.uint8)
+
+
+def pil_level(image: np.ndarray, factor: int, resample, quality: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image).resize((image.shape[1] // factor, image.shape[0] // factor), resample).save(
+        buffer, format="JPEG", quality=quality, subsampling="4:2:0")
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_a_scanlike_view_is_one_filter_and_one_jpeg_quality_of_the_drawn_range(factor):
+    tile = smooth_tile(64, seed=factor)
+    from PIL import Image
+    candidates = {(f, q): pil_level(tile, factor, f, q) for f in (Image.Resampling.LANCZOS, Image.Resampling.BICUBIC)
+                  for q in range(70, 96)}
+    seen = set()
+    for seed in range(40):
+        out = views.scanlike_downsample(tile, factor, np.random.default_rng(seed))
+        matches = [key for key, ref in candidates.items() if np.array_equal(out, ref)]
+        assert matches, "not a Lanczos/bicubic resize + JPEG q70-95 of the tile"
+        seen.add(matches[0][0])
+        # a normalised smoothing filter and JPEG's DC terms keep the mean colour
+        np.testing.assert_allclose(out.reshape(-1, 3).mean(0), tile.reshape(-1, 3).mean(0), atol=2.5)
+        assert not np.array_equal(out, views.area_downsample(tile, factor))
+    assert len(seen) == 2  # both filters are drawn
+
+
+def test_scanlike_share_of_training_views_and_none_in_evaluation():
+    tile = smooth_tile(64, seed=9)
+    element = {"image": tile, "label": 0, "has_label": True}
+    spec = views.ViewSpec(teacher_px=64, downsample=4, flips=False, rot90=False, scanlike=0.5)
+    block_means = sum(np.array_equal(v["student_image"], views.area_downsample(v["teacher_image"], 4))
+                      for v in (views.make_views(element, spec=spec, rng=np.random.default_rng(s)) for s in range(400)))
+    assert 160 <= block_means <= 240  # Binomial(400, 0.5): mean 200, sd 10
+    evaluation = views.make_views(element, spec=spec, rng=None)
+    np.testing.assert_array_equal(evaluation["student_image"], views.area_downsample(tile, 4))
+    # share 0: every training view is the block mean and the random stream is the one it always was
+    plain = views.ViewSpec(teacher_px=64, downsample=4, jitter=(0.3, 0.3, 0.3, 0.1))
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    views.make_views(element, spec=plain, rng=rng_a)
+    views.augment(views.crop(tile, 64, rng_b), rng_b, spec=plain)
+    assert rng_a.random() == rng_b.random()
+    with pytest.raises(ValueError, match="scanlike"):
+        views.ViewSpec(teacher_px=64, downsample=4, scanlike=1.5)

@@ -55,6 +55,7 @@ def view_spec(data: ml_collections.ConfigDict, *, train: bool) -> ViewSpec:
         flips=data.flips,
         rot90=data.rot90,
         jitter=tuple(float(x) for x in data.jitter),
+        scanlike=float(data.scanlike_student_views),
     )
 
 

@@ -8,9 +8,11 @@ differs. Images stay uint8 HWC until the step normalises them.
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import grain
 import numpy as np
+from PIL import Image
 
 from histokd_jax.symmetry import DIHEDRAL, dihedral
 
@@ -35,6 +37,29 @@ def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
     blocks = image.reshape(h // factor, factor, w // factor, factor, c).astype(np.float32)
     out = blocks.mean(axis=(1, 3))
     return np.clip(np.rint(out), 0, 255).astype(image.dtype) if image.dtype == np.uint8 else out
+
+
+# What scanners use to build their reduced levels (data/scanner_slides.py writes slides both ways).
+SCAN_FILTERS = (Image.Resampling.LANCZOS, Image.Resampling.BICUBIC)
+SCAN_QUALITY = (70, 95)  # JPEG quality drawn in this range (inclusive); scanners store 70-90
+
+
+def scanlike_downsample(image: np.ndarray, factor: int, rng: np.random.Generator) -> np.ndarray:
+    """The downsample a scanner's pyramid level would hold: a smoothing resize (Lanczos or bicubic,
+    drawn), then JPEG at a drawn quality with 4:2:0 chroma, decoded again.
+
+    Training the student on a mix of these and block means teaches it the level it reads in use
+    (``launch/predict.py`` reads the slide's own level), not only the exact block mean.
+    """
+    h, w, _ = image.shape
+    if h % factor or w % factor:
+        raise ValueError(f"image {h}x{w} is not divisible by the downsample factor {factor}")
+    resample = SCAN_FILTERS[int(rng.integers(0, len(SCAN_FILTERS)))]
+    quality = int(rng.integers(SCAN_QUALITY[0], SCAN_QUALITY[1] + 1))
+    small = Image.fromarray(image).resize((w // factor, h // factor), resample)
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=quality, subsampling=2)  # 2: 4:2:0
+    return np.asarray(Image.open(buffer).convert("RGB"))
 
 
 def color_jitter(
@@ -92,12 +117,15 @@ class ViewSpec:
     flips: bool = True
     rot90: bool = True
     jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    scanlike: float = 0.0  # share of training student views made by scanlike_downsample (else block means)
 
     def __post_init__(self):
         if self.downsample not in ALLOWED_DOWNSAMPLES:
             raise ValueError(f"downsample must be one of {ALLOWED_DOWNSAMPLES}, got {self.downsample}")
         if self.teacher_px % self.downsample:
             raise ValueError(f"teacher_px={self.teacher_px} is not divisible by downsample={self.downsample}")
+        if not 0.0 <= self.scanlike <= 1.0:
+            raise ValueError(f"scanlike (a share of the student views) must be in [0, 1], got {self.scanlike}")
 
     @property
     def student_px(self) -> int:
@@ -117,6 +145,14 @@ def augment(image: np.ndarray, rng: np.random.Generator, *, spec: ViewSpec) -> n
     return np.ascontiguousarray(image)
 
 
+def student_view(teacher: np.ndarray, *, spec: ViewSpec, rng: np.random.Generator | None) -> np.ndarray:
+    """The student's view of the (augmented) teacher crop: its block mean, or with probability
+    ``spec.scanlike`` in training a scanner-like level (no random draw at all when it is 0)."""
+    if rng is not None and spec.scanlike and spec.downsample > 1 and rng.random() < spec.scanlike:
+        return scanlike_downsample(teacher, spec.downsample, rng)
+    return area_downsample(teacher, spec.downsample)
+
+
 def make_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None) -> dict:
     """``{image, label, has_label}`` -> ``{teacher_image, student_image, label, has_label}``.
 
@@ -133,7 +169,7 @@ def make_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None
         teacher = augment(teacher, rng, spec=spec)
     return {
         "teacher_image": teacher,
-        "student_image": area_downsample(teacher, spec.downsample),
+        "student_image": student_view(teacher, spec=spec, rng=rng),
         "label": np.int32(element["label"]),
         "has_label": np.bool_(element["has_label"]),
     }
@@ -148,7 +184,7 @@ def _cached_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | N
         teacher = np.ascontiguousarray(dihedral(teacher, index, axes=(0, 1)))
         t_map = np.ascontiguousarray(dihedral(t_map, index, axes=(0, 1)))
     return {  # no teacher image: the step uses the cached targets instead, so it is not sent to the devices
-        "student_image": area_downsample(teacher, spec.downsample),
+        "student_image": student_view(teacher, spec=spec, rng=rng),
         "teacher_logits": np.asarray(element["teacher_logits"], np.float32),
         "teacher_map": np.asarray(t_map, np.float32),
         "label": np.int32(element["label"]),
