@@ -104,3 +104,26 @@ def accuracy_vs_pool(path: str | pathlib.Path, series: dict[str, Sequence[tuple[
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def cascade_curve(path: str | pathlib.Path, curves: dict[str, Sequence[tuple[float, float, float]]], *,
+                  teacher_accuracy: float, target_cost: float | None = None, title: str = "cascade") -> None:
+    """Accuracy against whole-slide time relative to the teacher alone, one line per student, each point
+    a share sent to the teacher (labelled); ``curves[name]`` holds (share, relative time, accuracy)."""
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for name, points in curves.items():
+        share, cost, acc = (np.asarray(v, float) for v in zip(*points))
+        ax.plot(cost, acc, marker="o", label=name)
+        for s, c, a in zip(share, cost, acc):
+            ax.annotate(f"{s:.0%}", (c, a), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    ax.axhline(teacher_accuracy, color="k", linewidth=1, label=f"teacher alone ({teacher_accuracy:.3f})")
+    ax.axhline(teacher_accuracy - 0.01, color="k", linewidth=1, linestyle=":", label="teacher - 1 point")
+    if target_cost is not None:
+        ax.axvline(target_cost, color="tab:red", linewidth=1, linestyle="--", label=f"{target_cost:.0%} of its time")
+    ax.set(xlabel="whole-slide time / teacher's (labels: share of tiles sent to the teacher)",
+           ylabel="tile accuracy", title=title)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

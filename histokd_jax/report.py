@@ -19,16 +19,19 @@ import numpy as np
 from histokd_jax import atomic, metrics
 
 PREDICTIONS = "test_predictions.npz"
+# A student's test tiles read from each slide's pyramid at its own µm/px (what launch/predict.py reads),
+# beside PREDICTIONS, which holds them as trained: the block mean of the teacher's view.
+PYRAMID_PREDICTIONS = "test_predictions_pyramid.npz"
 
 
 def save_predictions(stage_dir: str | pathlib.Path, *, labels: np.ndarray, probs: np.ndarray,
                      class_names: Sequence[str], slides: np.ndarray | None = None,
-                     dropped: Sequence[tuple[str, str]] = ()) -> pathlib.Path:
+                     dropped: Sequence[tuple[str, str]] = (), filename: str = PREDICTIONS) -> pathlib.Path:
     """Write ``stage_dir/test_predictions.npz`` (atomically: a report never reads half a file).
 
     ``dropped``: (slide or tile file, reason) of what the evaluation left out because it
     failed to read, so the report can say what its figures do not cover."""
-    path = pathlib.Path(stage_dir) / PREDICTIONS
+    path = pathlib.Path(stage_dir) / filename
     atomic.save_npz(path, labels=np.asarray(labels, np.int32), probs=np.asarray(probs, np.float32),
                     class_names=np.asarray(list(class_names)),
                     slides=np.asarray([] if slides is None else slides, dtype=str),
@@ -36,8 +39,8 @@ def save_predictions(stage_dir: str | pathlib.Path, *, labels: np.ndarray, probs
     return path
 
 
-def load_predictions(stage_dir: str | pathlib.Path) -> dict:
-    with np.load(pathlib.Path(stage_dir) / PREDICTIONS) as data:
+def load_predictions(stage_dir: str | pathlib.Path, *, filename: str = PREDICTIONS) -> dict:
+    with np.load(pathlib.Path(stage_dir) / filename) as data:
         out = {key: data[key] for key in data.files}
     out["class_names"] = [str(c) for c in out["class_names"]]
     out["slides"] = out["slides"] if out["slides"].size else None
@@ -124,6 +127,9 @@ def build_report(workdir: str | pathlib.Path, *, n_boot: int = 1000, seed: int =
             row = json.loads(result_file.read_text())
             entry.update({k: row[k] for k in ("role", "input_px", "downsample", "gflops_per_image") if k in row})
             entry.update({k: row[k] for k in ("images_per_s", "magnification", "mpp") if k in row})
+        if (stage_dir / PYRAMID_PREDICTIONS).exists():
+            pyramid = load_predictions(stage_dir, filename=PYRAMID_PREDICTIONS)
+            entry["pyramid_reads"] = model_report(pyramid, n_boot=n_boot, seed=seed, slide_method=slide_method)["tiles"]
         teacher = _teacher_of(stage_dir, workdir=workdir)
         if teacher is not None and teacher != stage_dir:
             t = load_predictions(teacher)
@@ -151,15 +157,20 @@ def markdown(report: dict) -> str:
     resampled = {m.get("ci_resampling", "tiles") for m in report.values()}
     lines = ["# Evaluation report", "", f"Test split; 95% bootstrap intervals in brackets (resampling "
              f"{' / '.join(sorted(resampled))}).", "",
-             "| model | input px | GFLOPs | tiles | accuracy | balanced acc. | macro-F1 | macro AUC | "
-             "top-1 agreement / KL to teacher |",
-             "|---|---:|---:|---:|---|---|---|---|---|"]
+             "| model | input px | GFLOPs | tiles | accuracy | accuracy, pyramid reads | balanced acc. | macro-F1 | "
+             "macro AUC | top-1 agreement / KL to teacher |",
+             "|---|---:|---:|---:|---|---|---|---|---|---|"]
     for name, m in report.items():
         t, agree = m["tiles"], m.get("agreement_with_teacher")
         agree_s = f"{agree['top1_agreement']:.3f} / {agree['mean_kl']:.3f}" if agree else ""
+        pyramid = _fmt(m["pyramid_reads"]["accuracy"]) if "pyramid_reads" in m else ""
         lines.append(f"| {name} | {m.get('input_px', '')} | {m.get('gflops_per_image', float('nan')):.4f} | {t['n']} | "
-                     f"{_fmt(t['accuracy'])} | {_fmt(t['balanced_accuracy'])} | {_fmt(t['macro_f1'])} | "
+                     f"{_fmt(t['accuracy'])} | {pyramid} | {_fmt(t['balanced_accuracy'])} | {_fmt(t['macro_f1'])} | "
                      f"{_fmt(t['macro_auc'])} | {agree_s} |")
+    if any("pyramid_reads" in m for m in report.values()):
+        lines += ["", "Students are trained and scored (accuracy) on the block mean of the teacher's view; "
+                  "*pyramid reads* scores them on the same tiles read from each slide's own pyramid level at the "
+                  "student's µm/px, as `launch/predict.py` reads them."]
     slide_models = {k: v for k, v in report.items() if "slides" in v}
     if slide_models:
         lines += ["", "## Slide level", "",

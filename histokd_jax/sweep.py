@@ -158,6 +158,16 @@ def _result_of(stage_dir: pathlib.Path) -> dict:
     return row
 
 
+def _pyramid_accuracy(stage_dir: pathlib.Path, *, n_boot: int) -> dict:
+    """A student's test accuracy on pyramid reads, with its CI ({} where there are none: tile data, teachers)."""
+    if not (stage_dir / report.PYRAMID_PREDICTIONS).exists():
+        return {}
+    preds = report.load_predictions(stage_dir, filename=report.PYRAMID_PREDICTIONS)
+    ci = metrics.bootstrap_ci(preds["labels"], preds["probs"], n_boot=n_boot, seed=0, groups=preds["slides"])
+    return {"pyramid_accuracy": metrics.scores(preds["labels"], preds["probs"])["accuracy"],
+            "pyramid_accuracy_ci95": list(ci["accuracy"])}
+
+
 def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: int = 64,
                measure: bool = True) -> list[dict]:
     """One row per finished model under ``workdir`` (a sweep or a single run), teacher first, then by factor."""
@@ -169,6 +179,7 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
         config, run = report.load_run(stage_dir.parent)
         preds = report.load_predictions(stage_dir)
         point = metrics.scores(preds["labels"], preds["probs"])
+        pyramid = _pyramid_accuracy(stage_dir, n_boot=n_boot)
         ci = metrics.bootstrap_ci(preds["labels"], preds["probs"], n_boot=n_boot, seed=0, groups=preds["slides"])
         factor = 1 if result["role"] == "teacher" else resolve_downsample(config.data)
         teacher_mpp = slides.parse_target(config.data.teacher_magnification) if config.data.teacher_magnification \
@@ -184,7 +195,7 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
             "pool": float(config.data.get("unlabeled_fraction", 1.0)) if result["role"] == "student_kd" else None,
             "accuracy": point["accuracy"], "accuracy_ci95": list(ci["accuracy"]), "macro_f1": point["macro_f1"],
             "macro_auc": point["macro_auc"], "gflops_per_image": result["gflops_per_image"],
-            "images_per_s": speed.get(px),
+            "images_per_s": speed.get(px), **pyramid,
         }
         if result["role"] == "teacher":
             teacher_gflops = result["gflops_per_image"]
@@ -197,18 +208,28 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
 
 def format_table(rows: list[dict]) -> str:
     """The paper-style table in Markdown."""
-    lines = ["| model | magnification | µm/px | input px | pool | accuracy (95% CI) | macro-F1 | macro AUC | "
+    pyramid = any("pyramid_accuracy" in r for r in rows)  # slide data: students also scored on pyramid reads
+    lines = ["| model | magnification | µm/px | input px | pool | accuracy (95% CI) | "
+             + ("accuracy, pyramid reads | " if pyramid else "") + "macro-F1 | macro AUC | "
              "GFLOPs/image | FLOP ratio | images/s |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---|" + ("---|" if pyramid else "") + "---:|---:|---:|---:|---:|"]
     opt = lambda v, fmt: "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)  # noqa: E731
     for r in rows:
         lo, hi = r["accuracy_ci95"]
         mag = f"{r['magnification']:.3g}x" if r["magnification"] else f"1/{r['factor']}"
         pool = "" if r["pool"] is None else f"{100 * r['pool']:.0f}%"
         lines.append(f"| {r['model']} | {mag} | {opt(r['mpp'], '.3g')} | {r['input_px']} | {pool} | "
-                     f"{r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {r['macro_f1']:.3f} | {opt(r['macro_auc'], '.3f')} | "
+                     f"{r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | " + (_pyramid_cell(r) if pyramid else "")
+                     + f"{r['macro_f1']:.3f} | {opt(r['macro_auc'], '.3f')} | "
                      f"{r['gflops_per_image']:.4f} | {opt(r['flop_ratio'], '.1f')} | {opt(r['images_per_s'], '.0f')} |")
     return "\n".join(lines)
+
+
+def _pyramid_cell(row: dict) -> str:
+    if "pyramid_accuracy" not in row:
+        return " | "
+    lo, hi = row["pyramid_accuracy_ci95"]
+    return f"{row['pyramid_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | "
 
 
 def write_table(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: int = 64,

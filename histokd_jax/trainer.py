@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from histokd_jax import atomic, checkpoint, parallel, report, steps, teacher_targets
 from histokd_jax.data.pipeline import make_train_loader
-from histokd_jax.data.splits import DataSplits, load_splits, view_spec
+from histokd_jax.data.splits import DataSplits, load_splits, resolve_downsample, view_spec
 from histokd_jax.evaluation import Evaluation, evaluate_split, make_eval_fn
 from histokd_jax.config_checks import check_config, check_teacher_matches, require_finished_teacher
 from histokd_jax.metric_writer import MetricWriter
@@ -245,11 +245,16 @@ def run_stage(
 
     test = run_eval(best_params, splits.test)
     row = {**result_row(stage, labels=test.labels, probs=test.probs), **test.counts()}
+    pyramid = _pyramid_test(stage, config=config, splits=splits, evaluate=lambda src: run_eval(best_params, src))
+    if pyramid is not None:
+        row["pyramid_accuracy"] = classification_metrics(pyramid.labels, pyramid.probs)["accuracy"]
     # wall time of this run of the stage (since the last resume), compilation and validation included
     row.update(best_val_step=best["step"], best_val_metric=best["metric"],
                stage_seconds=round(time.perf_counter() - started, 1))
     if writer.enabled:  # predictions first: result.json marks the stage finished
         save_test_predictions(stage_dir, scored=test, splits=splits)
+        if pyramid is not None:
+            save_test_predictions(stage_dir, scored=pyramid, splits=splits, filename=report.PYRAMID_PREDICTIONS)
         atomic.write_json(result_file, row)  # a kill mid-write must not leave a "finished" stage
     return best_params, row
 
@@ -279,11 +284,22 @@ def _restore(manager, step: int, *, stage: Stage, state, iterator, mesh) -> dict
                          "--workdir.") from err
 
 
-def save_test_predictions(stage_dir: pathlib.Path, *, scored: Evaluation, splits: DataSplits) -> None:
+def save_test_predictions(stage_dir: pathlib.Path, *, scored: Evaluation, splits: DataSplits,
+                          filename: str = report.PREDICTIONS) -> None:
     """The final model's test predictions, for launch/evaluate.py: the scored tiles only, each with its
     slide (if any), and the slides dropped from the evaluation with their reasons."""
     report.save_predictions(stage_dir, labels=scored.labels, probs=scored.probs, class_names=splits.class_names,
-                            slides=scored.slides, dropped=scored.dropped)
+                            slides=scored.slides, dropped=scored.dropped, filename=filename)
+
+
+def _pyramid_test(stage: Stage, *, config: ml_collections.ConfigDict, splits: DataSplits,
+                  evaluate: Callable) -> Evaluation | None:
+    """A student's test split read from each slide's pyramid at its own µm/px (slide data only): the
+    view whole-slide inference gives it, beside the block mean it was trained on."""
+    factor = resolve_downsample(config.data)
+    if stage.image_key != "student_image" or factor == 1 or not hasattr(splits.test, "reading_student_at"):
+        return None
+    return evaluate(splits.test.reading_student_at(splits.test.teacher_mpp * factor))
 
 
 # Fields that may change between an interrupted run and its resumption without changing the result.

@@ -315,3 +315,45 @@ def test_the_cascade_on_a_trained_run_keeps_the_students_sure_tiles_and_takes_th
     assert summary["cascade"]["to_teacher"] == to_teacher.sum() and summary["cascade"]["teacher_level"] == 0
     refused = predict(f"--checkpoint={trained}", "--cascade_threshold=0.5", f"--out={tmp_path / 'x'}", str(slide))
     assert refused.returncode != 0 and "need --cascade" in refused.stderr
+
+
+def test_students_are_also_scored_on_the_slides_own_pyramid_level(trained):
+    """Beside the block mean it was trained on, each student's test tiles are read from the 4 µm/px level
+    (as predict.py reads them): its saved probabilities are the student's on OpenSlide's own level-1
+    reads, and the result row, report.md and the sweep table carry that accuracy."""
+    from histokd_jax import report, sweep
+    from histokd_jax.data.splits import load_splits
+
+    config, _ = report.load_run(trained)
+    test = load_splits(config.data, workdir=trained).test
+    for role in ("student_kd", "student_baseline"):
+        pyramid = report.load_predictions(trained / role, filename=report.PYRAMID_PREDICTIONS)
+        block = report.load_predictions(trained / role)
+        np.testing.assert_array_equal(pyramid["labels"], block["labels"])
+        row = json.loads((trained / role / "result.json").read_text())
+        assert row["pyramid_accuracy"] == pytest.approx(np.mean(pyramid["probs"].argmax(1) == pyramid["labels"]))
+    assert not (trained / "teacher" / report.PYRAMID_PREDICTIONS).exists()
+
+    student = inference.load_predictor(trained, model="student")
+    picks = np.linspace(0, len(test) - 1, 8).astype(int)
+    reads = []
+    for i in picks:
+        with openslide.OpenSlide(test.paths[test.slide_of[i]]) as slide:
+            x, y = (int(v) for v in test.coords[i])
+            reads.append(np.asarray(slide.read_region((x, y), 1, (16, 16)).convert("RGB")))
+    batch = np.zeros((student.batch_size, 16, 16, 3), np.uint8)
+    batch[:len(picks)] = reads
+    pyramid = report.load_predictions(trained / "student_kd", filename=report.PYRAMID_PREDICTIONS)
+    np.testing.assert_allclose(pyramid["probs"][picks], student.apply(batch)[:len(picks)], atol=1e-4)
+
+    report.write_report(trained, n_boot=50)
+    md = (trained / "report.md").read_text()
+    assert "accuracy, pyramid reads" in md
+    kd_accuracy = np.mean(pyramid["probs"].argmax(1) == pyramid["labels"])
+    kd_line = next(line for line in md.splitlines() if line.startswith("| student_kd |"))
+    assert kd_line.split("|")[6].strip().startswith(f"{kd_accuracy:.3f} [")  # the pyramid column
+    rows = sweep.table_rows(trained, n_boot=50, measure=False)
+    kd = next(r for r in rows if r["role"] == "student_kd")
+    assert kd["pyramid_accuracy"] == pytest.approx(kd_accuracy)
+    assert "pyramid_accuracy" not in next(r for r in rows if r["role"] == "teacher")
+    assert "accuracy, pyramid reads" in sweep.format_table(rows)

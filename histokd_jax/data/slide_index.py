@@ -12,6 +12,7 @@ whose evaluation then drops the whole slide and lists it in the same csv.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import functools
@@ -197,6 +198,14 @@ class SlideTileSource:
 
     def __len__(self) -> int:
         return len(self.coords)
+
+    def reading_student_at(self, student_mpp: float) -> "SlideTileSource":
+        """The same tiles, each also read at ``student_mpp`` from the slide's own pyramid level (as
+        ``launch/predict.py`` reads it), with handles of its own."""
+        other = copy.copy(self)
+        other.__dict__.pop("identity", None)
+        other._handles, other.reasons, other.student_mpp = {}, dict(self.reasons), float(student_mpp)
+        return other
 
     def __getstate__(self) -> dict:  # worker processes open their own handles
         return {**self.__dict__, "_handles": {}}

@@ -156,7 +156,8 @@ def student_view(teacher: np.ndarray, *, spec: ViewSpec, rng: np.random.Generato
 def make_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None) -> dict:
     """``{image, label, has_label}`` -> ``{teacher_image, student_image, label, has_label}``.
 
-    With ``rng=None`` (evaluation) the crop is central and nothing is augmented.
+    With ``rng=None`` (evaluation) the crop is central and nothing is augmented, and a record that
+    brings its own ``student_image`` (read from the slide's pyramid) keeps its central crop.
     A record with cached teacher targets (``teacher_logits``, ``teacher_map``: see
     ``teacher_targets.CachedTargetSource``) is cropped centrally, as when it was
     cached, and only flipped and rotated, together with its map; it has no
@@ -167,9 +168,13 @@ def make_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None
     teacher = crop(element["image"], spec.teacher_px, rng)
     if rng is not None:
         teacher = augment(teacher, rng, spec=spec)
+    if rng is None and "student_image" in element:  # read from the pyramid: what whole-slide inference sees
+        student = crop(element["student_image"], spec.student_px, None)
+    else:
+        student = student_view(teacher, spec=spec, rng=rng)
     return {
         "teacher_image": teacher,
-        "student_image": student_view(teacher, spec=spec, rng=rng),
+        "student_image": student,
         "label": np.int32(element["label"]),
         "has_label": np.bool_(element["has_label"]),
     }
