@@ -3,7 +3,7 @@
     python benchmarks/run.py            # needs the bench extra: pip install -e ".[bench]"
 
 Each script prints its own table; they run sequentially so none competes with
-another for the CPU. Expect about 30 minutes on a 2-core machine.
+another for the CPU. Expect about an hour on a 2-core machine (deploy.py trains four runs first).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ SCRIPTS = (
     ("input pipeline vs step", ["pipeline.py"]),
     ("slide tile source", ["slide_source.py"]),
     ("whole-slide inference", ["wholeslide.py"]),
+    ("deployment: pyramid reads, scanner-like views, the cascade", ["deploy.py"]),
 )
 
 
