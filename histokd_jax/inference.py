@@ -205,7 +205,9 @@ def _predict_tiles(slide, *, coords: np.ndarray, predictor: Predictor, base_mpp:
 
     probs = np.zeros((len(coords), len(predictor.class_names)), np.float32)
     bar = tqdm(total=len(coords), desc=desc, unit="tile", disable=not show_progress, leave=False)
-    batches = _batches(_prefetched(strips, read), predictor.batch_size)
+    # read ahead about a batch of tiles, however short the strips (a cascade's teacher reads scattered tiles)
+    depth = max(2, math.ceil(predictor.batch_size * len(strips) / len(coords)))
+    batches = _batches(_prefetched(strips, read, depth=depth), predictor.batch_size)
     while True:
         with clock(f"{phase}read_wait"):
             idx, images = next(batches, (None, None))

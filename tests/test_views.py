@@ -60,6 +60,17 @@ def test_area_downsample_uint8_is_rounded_block_mean(factor):
     np.testing.assert_array_equal(out[not_tie], np.floor(exact[not_tie] + 0.5))
 
 
+@pytest.mark.parametrize("factor", [2, 3, 4, 6, 8, 16, 17, 32])
+def test_area_downsample_uint8_ties_round_half_to_even_at_every_factor(factor):
+    """Two-valued and near-constant images put many block means on x.5 exactly: they go to the even
+    neighbour, as numpy's rint of the float mean (the slides' thumbnails use factors up to 32)."""
+    rng = np.random.default_rng(factor)
+    for image in (rng.integers(0, 2, (2 * factor, 3 * factor, 3)).astype(np.uint8) * 255,
+                  rng.integers(100, 102, (2 * factor, 3 * factor, 3)).astype(np.uint8),
+                  rng.integers(0, 256, (2 * factor, 3 * factor, 3)).astype(np.uint8)):
+        np.testing.assert_array_equal(views.area_downsample(image, factor), np.rint(np_block_mean(image, factor)))
+
+
 @pytest.mark.parametrize("factor", [2, 4, 8])
 def test_area_downsample_float_is_exact_block_mean(factor):
     image = np.random.default_rng(10 + factor).uniform(size=(16, 24, 3)).astype(np.float32)

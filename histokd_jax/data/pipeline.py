@@ -86,6 +86,17 @@ class GlobalBatchSampler:
         return f"GlobalBatchSampler({self._inner!r}, per_process_batch={self._b}, process={self._p}/{self._n})"
 
 
+def read_options(*, batch_size: int) -> grain.ReadOptions:
+    """grain's reader threads for one process: two, a batch or two ahead.
+
+    grain's default (16 threads, 500 records ahead) checks every pending read for each record it
+    hands out; on 2 cores that bookkeeping cost more than the reads and the views together
+    (``benchmarks/pipeline.py``, BENCHMARKS.md). Slide reads release the GIL, so two threads still
+    overlap them with the main process's work.
+    """
+    return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(32, 2 * batch_size))
+
+
 def make_train_loader(
     source, *, spec: ViewSpec, batch_size: int, seed: int, workers: int = 0, worker_buffer_size: int = 64
 ) -> TrainLoader:
@@ -109,6 +120,7 @@ def make_train_loader(
         worker_count=workers,
         worker_buffer_size=worker_buffer_size,
         shard_options=grain.sharding.NoSharding(),
+        read_options=read_options(batch_size=batch_size),
     )
     return TrainLoader(loader, batch_size)
 
