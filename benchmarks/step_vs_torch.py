@@ -38,6 +38,25 @@ def forward_flops(input_px: int) -> float:
     return models.forward_flops(input_px=input_px, widths=WIDTHS)
 
 
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_description() -> str:
+    """The CPU model and the vector / matrix features that decide which lowerings win (/proc/cpuinfo)."""
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        return platform.processor() or "unknown CPU"
+    first = info.split("\n\n")[0]
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    have = [f for f in CPU_FEATURES if f in flags]
+    return (f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}), {info.count('processor')} logical CPUs; {' '.join(have) or 'no AVX2'}")
+
+
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     """float32 GFLOP/s of a jitted n x n matmul (median)."""
     a = jnp.ones((n, n), jnp.float32)
@@ -84,6 +103,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     peak = matmul_peak()
+    print(f"CPU: {cpu_description()}", flush=True)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); float32 matmul peak {peak:.0f} GFLOP/s", flush=True)
     print(f"distillation step, teacher 256 px, batch {args.batch}, {args.rounds} interleaved rounds (ms, median)")
