@@ -169,3 +169,16 @@ def test_an_empty_split_is_an_error_naming_it(tmp_path):
                                   counts={})
     with pytest.raises(ValueError, match=r"\['val'\].*no records"):
         splits_lib.check_not_empty(empty)
+
+
+def test_composite_on_white_of_opaque_and_partly_transparent_regions():
+    """OpenSlide's RGBA reads: an opaque region keeps its colour exactly, one with transparent pixels
+    (unscanned areas) is blended onto white pixel by pixel, whichever path the function takes."""
+    colour = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for alpha in (np.full((8, 8), 255, np.uint8), RNG.integers(0, 256, (8, 8), dtype=np.uint8),
+                  np.where(RNG.random((8, 8)) < 0.1, 0, 255).astype(np.uint8)):
+        out = tile_images.composite_on_white(np.dstack([colour, alpha]))
+        assert out.dtype == np.uint8 and out.flags.c_contiguous
+        assert np.abs(out.astype(int) - on_white(colour, alpha).astype(int)).max() <= 1  # rint vs half up
+    opaque = tile_images.composite_on_white(np.dstack([colour, np.full((8, 8), 255, np.uint8)]))
+    np.testing.assert_array_equal(opaque, colour)

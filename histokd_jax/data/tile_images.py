@@ -88,6 +88,8 @@ def check_tiles(paths: Sequence[str], *, min_px: int | None, what: str,
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     """uint8 RGBA HWC -> uint8 RGB, transparent pixels (e.g. unscanned slide areas) shown as white glass."""
+    if rgba[..., 3].min(initial=255) == 255:  # opaque, as scanned tissue nearly always is: its colour as it is
+        return np.ascontiguousarray(rgba[..., :3])  # (what the blend gives; 1/4 of its time on a slide thumbnail)
     alpha = rgba[..., 3:].astype(np.float32) / 255.0
     return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
