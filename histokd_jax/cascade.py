@@ -62,7 +62,8 @@ class Rule:
 
 def route(confidence: np.ndarray, *, threshold: float | None = None, budget: float | None = None) -> np.ndarray:
     """True for the tiles the teacher sees: confidence strictly below ``threshold`` (all tiles without
-    one), of which at most ``round(budget * n)`` least confident ones (ties: the earlier tile first)."""
+    one), of which at most ``budget * n`` (rounded half up) least confident ones (ties: the earlier tile
+    first)."""
     chosen = confidence < threshold if threshold is not None else np.ones(len(confidence), bool)
     if budget is not None:
         keep = int(math.floor(budget * len(confidence) + 0.5))

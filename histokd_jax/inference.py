@@ -107,24 +107,25 @@ def load_predictor(checkpoint_dir: str | pathlib.Path, *, model: str = "student"
 
 
 def tile_strips(coords: np.ndarray, *, side: float, strip_tiles: int) -> list[np.ndarray]:
-    """Tile indices grouped into strips: tiles of one grid row, left to right, at most ``strip_tiles``
-    each and never spanning more than ``strip_tiles`` tile widths (gaps of glass are not read)."""
+    """Tile indices grouped into strips: runs of side-by-side tiles of one grid row, left to right, at
+    most ``strip_tiles`` each. A gap (glass, or tiles a cascade's teacher is not sent) ends a strip, so
+    it is never read."""
     strips = []
     for y in np.unique(coords[:, 1]):
         row = np.flatnonzero(coords[:, 1] == y)
         row = row[np.argsort(coords[row, 0], kind="stable")]
         start = 0
         for i in range(1, len(row) + 1):
-            if i == len(row) or i - start >= strip_tiles or coords[row[i], 0] + side - coords[row[start], 0] > (
-                    strip_tiles * side + 1):
+            if i == len(row) or i - start >= strip_tiles or coords[row[i], 0] - coords[row[i - 1], 0] > side + 1:
                 strips.append(row[start:i])
                 start = i
     return strips
 
 
 def read_strip(slide, *, coords: np.ndarray, level: int, factor: float, base_mpp: float, target_mpp: float,
-               px: int, side: float) -> np.ndarray:
-    """The tiles of one strip (level-0 top-lefts ``coords``, one row) as uint8 (n, px, px, 3) at ``target_mpp``.
+               px: int, side: float) -> tuple[np.ndarray, int]:
+    """The tiles of one strip (level-0 top-lefts ``coords``, one row) as uint8 (n, px, px, 3) at ``target_mpp``,
+    and how many level pixels were read for them.
 
     One read covers the whole strip; each tile is then cut at its position rounded
     to the nearest output pixel (under one output pixel from a per-tile read).
@@ -134,7 +135,8 @@ def read_strip(slide, *, coords: np.ndarray, level: int, factor: float, base_mpp
     width = int(round((coords[-1, 0] + side - x_first) * scale))
     offsets = np.minimum(np.rint((coords[:, 0] - x_first) * scale).astype(int), max(width - px, 0))
     region = slides.read_level_region(slide, level, factor, x0=x_first, y0=y, out_w=max(width, px), out_h=px)
-    return np.stack([region[:, o:o + px] for o in offsets])
+    level_px = math.ceil(region.shape[0] * factor - 1e-6) * math.ceil(region.shape[1] * factor - 1e-6)
+    return np.stack([region[:, o:o + px] for o in offsets]), level_px
 
 
 def _batches(strips: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -198,9 +200,9 @@ def _predict_tiles(slide, *, coords: np.ndarray, predictor: Predictor, base_mpp:
 
     def read(idx):
         with clock(f"{phase}read"):
-            images = read_strip(slide, coords=coords[idx], level=level, factor=factor, base_mpp=base_mpp,
-                                target_mpp=predictor.input_mpp, px=predictor.input_px, side=side)
-        read_px[0] += images.shape[0] * images.shape[1] * images.shape[2] * factor * factor
+            images, region_px = read_strip(slide, coords=coords[idx], level=level, factor=factor, base_mpp=base_mpp,
+                                           target_mpp=predictor.input_mpp, px=predictor.input_px, side=side)
+        read_px[0] += region_px
         return idx, images
 
     probs = np.zeros((len(coords), len(predictor.class_names)), np.float32)
@@ -258,10 +260,10 @@ def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: st
     with slides.open_slide(path) as slide:
         with clock("mask"):
             resolution = slides.slide_mpp(slide, override=mpp)
-            finest = min([predictor.input_mpp] + ([cascade.teacher.input_mpp] if cascade else []))
-            if resolution.mpp > finest * 1.02:
-                raise ValueError(f"level 0 is {resolution.mpp:.3g} µm/px, coarser than the model's "
-                                 f"{finest:.3g} µm/px")
+            finest = cascade.teacher if cascade else predictor  # the finer reader: the teacher of a cascade
+            if resolution.mpp > finest.input_mpp * 1.02:
+                raise ValueError(f"level 0 is {resolution.mpp:.3g} µm/px, coarser than the "
+                                 f"{'cascade teacher' if cascade else 'model'}'s {finest.input_mpp:.3g} µm/px")
             mask_thumb, mask_mpp = slides.read_thumbnail(slide, base_mpp=resolution.mpp, target_mpp=thumb_mpp)
             mask = slides.mask_of_thumbnail(mask_thumb)
             side = predictor.tile_um / resolution.mpp
@@ -297,7 +299,7 @@ def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: st
     mean = probs.mean(0)
     summary = {
         "slide": str(path), "slide_resolved": _slide_key(path), "name": name,
-        "model": "cascade" if cascade else predictor.role, "checkpoint": predictor.source,
+        "model": predictor.role, "checkpoint": predictor.source,
         "predicted": predictor.class_names[int(mean.argmax())],
         "probs": {c: round(float(p), 5) for c, p in zip(predictor.class_names, mean)}, "aggregation": "mean",
         **({"label": label} if label else {}),
@@ -457,17 +459,19 @@ def output_names(paths: Sequence[str | pathlib.Path], *, out_dir: str | pathlib.
     return names
 
 
-def _made_by(summary: dict) -> tuple:
-    """What produced a slide's outputs: the checkpoint, and the cascade's teacher and rule."""
-    chain = summary.get("cascade") or {}
-    return (summary.get("checkpoint"), chain.get("teacher_checkpoint"),
-            *(chain.get(k) for k in ("score", "threshold", "budget")))
+def _producer(checkpoint: str | None, cascade: dict | None) -> dict:
+    """What makes a slide's outputs: the model's checkpoint, and a cascade's teacher and rule."""
+    rule = {k: cascade.get(k) for k in ("teacher_checkpoint", "score", "threshold", "budget")} if cascade else None
+    return {"checkpoint": checkpoint, "cascade": rule}
 
 
-def _made_by_now(predictor: Predictor, cascade: Cascade | None) -> tuple:
-    if cascade is None:
-        return predictor.source, None, None, None, None
-    return (predictor.source, cascade.teacher.source, *cascade.rule.describe().values())
+def _made_by(summary: dict) -> dict:
+    return _producer(summary.get("checkpoint"), summary.get("cascade"))
+
+
+def _made_by_now(predictor: Predictor, cascade: Cascade | None) -> dict:
+    rule = None if cascade is None else {"teacher_checkpoint": cascade.teacher.source, **cascade.rule.describe()}
+    return _producer(predictor.source, rule)
 
 
 def predict_slides(entries: Sequence[tuple[pathlib.Path, float | None, str | None]], *, predictor: Predictor,

@@ -154,7 +154,7 @@ def run_stage(
         make_train_loader(
             stage.prepare_source(stage.train_source, mesh=mesh, stage_dir=stage_dir) if stage.prepare_source
             else stage.train_source,
-            spec=view_spec(config.data, train=True),
+            spec=_train_spec(config, stage=stage),
             batch_size=per_process_batch,
             seed=stage.seed,
             workers=config.data.workers,
@@ -290,6 +290,13 @@ def save_test_predictions(stage_dir: pathlib.Path, *, scored: Evaluation, splits
     slide (if any), and the slides dropped from the evaluation with their reasons."""
     report.save_predictions(stage_dir, labels=scored.labels, probs=scored.probs, class_names=splits.class_names,
                             slides=scored.slides, dropped=scored.dropped, filename=filename)
+
+
+def _train_spec(config: ml_collections.ConfigDict, *, stage: Stage):
+    """The stage's training views; the teacher's skip the scanner-like student views it never sees (its
+    own views, drawn first from each record's random stream, are the same either way)."""
+    spec = view_spec(config.data, train=True)
+    return dataclasses.replace(spec, scanlike=0.0) if stage.image_key == "teacher_image" else spec
 
 
 def _pyramid_test(stage: Stage, *, config: ml_collections.ConfigDict, splits: DataSplits,

@@ -305,7 +305,7 @@ def test_the_cascade_on_a_trained_run_keeps_the_students_sure_tiles_and_takes_th
     teacher_rects, teacher = read_csv(tmp_path / "teacher" / "mixed_cascade.csv")
     assert (rects == student_rects).all() and (rects == teacher_rects).all()
     to_teacher = np.array([r["decided_by"] == "teacher" for r in rows])
-    assert to_teacher.sum() == round(0.25 * len(rows))
+    assert to_teacher.sum() == np.floor(0.25 * len(rows) + 0.5)  # a quarter, rounded half up
     np.testing.assert_allclose(probs[to_teacher], teacher[to_teacher], atol=2e-4)
     np.testing.assert_allclose(probs[~to_teacher], student[~to_teacher], atol=2e-4)
     top2 = np.sort(student, axis=1)[:, -2:]
