@@ -86,15 +86,11 @@ class GlobalBatchSampler:
         return f"GlobalBatchSampler({self._inner!r}, per_process_batch={self._b}, process={self._p}/{self._n})"
 
 
-def read_options(*, batch_size: int) -> grain.ReadOptions:
-    """grain's reader threads for one process: two, a batch or two ahead.
-
-    grain's default (16 threads, 500 records ahead) checks every pending read for each record it
-    hands out; on 2 cores that bookkeeping cost more than the reads and the views together
-    (``benchmarks/pipeline.py``, BENCHMARKS.md). Slide reads release the GIL, so two threads still
-    overlap them with the main process's work.
-    """
-    return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(32, 2 * batch_size))
+# grain's reader threads per process: 2, at most 32 records ahead. grain's default (16 threads, 500
+# records ahead) checks every pending read for each record it hands out; on 2 cores that bookkeeping
+# cost more than the reads and the views together (benchmarks/pipeline.py: 830-950 tiles/s against
+# 1500-1700 here; 128 ahead: 1400-1500). Slide reads release the GIL, so two threads still overlap them.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
 
 
 def make_train_loader(
@@ -120,7 +116,7 @@ def make_train_loader(
         worker_count=workers,
         worker_buffer_size=worker_buffer_size,
         shard_options=grain.sharding.NoSharding(),
-        read_options=read_options(batch_size=batch_size),
+        read_options=READ_OPTIONS,
     )
     return TrainLoader(loader, batch_size)
 
