@@ -281,9 +281,12 @@ def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: st
                                                                               desc=path.name, **tiles)
             read_px += teacher_px
         with clock("outputs"):
-            # default: about 1024 px across the slide's longer side, never finer than level 0
+            # default: about 1024 px across the slide's longer side, never finer than level 0; the mask's
+            # thumbnail serves when it is no more than 2x finer than that (a second read of a fine level
+            # cost 1 s on a 2x-step scan, BENCHMARKS.md)
             heat_mpp = heatmap_mpp or max(resolution.mpp, max(slide.dimensions) * resolution.mpp / 1024)
-            if slides.thumbnail_mpp(slide, base_mpp=resolution.mpp, target_mpp=heat_mpp) == mask_mpp:
+            close = heat_mpp / 2 <= mask_mpp <= heat_mpp if heatmap_mpp is None else False
+            if close or slides.thumbnail_mpp(slide, base_mpp=resolution.mpp, target_mpp=heat_mpp) == mask_mpp:
                 thumb, heat_mpp = mask_thumb, mask_mpp  # the same read: reuse it
             else:
                 thumb, heat_mpp = slides.read_thumbnail(slide, base_mpp=resolution.mpp, target_mpp=heat_mpp)

@@ -33,7 +33,8 @@ _MPP = flags.DEFINE_float("mpp", None, "Level-0 µm/px for every slide (override
 _TEACHER_MPP = flags.DEFINE_float("teacher_mpp", None, "Teacher µm/px, for runs trained on tiles of unstated "
                                   "resolution (slide runs know it).")
 _MIN_TISSUE = flags.DEFINE_float("min_tissue", 0.5, "Minimum tissue fraction of a tile.")
-_HEATMAP_MPP = flags.DEFINE_float("heatmap_mpp", None, "µm/px of the heatmap (default: ~1024 px across the slide).")
+_HEATMAP_MPP = flags.DEFINE_float("heatmap_mpp", None, "µm/px of the heatmap (default: ~1024 px across the slide, "
+                                   "or the tissue mask's thumbnail where that is at most 2x finer).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute slides whose outputs already exist.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per slide.")
 _CASCADE = flags.DEFINE_bool("cascade", False, "Send the tiles --model is unsure of to the run's teacher.")

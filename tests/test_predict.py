@@ -357,3 +357,22 @@ def test_students_are_also_scored_on_the_slides_own_pyramid_level(trained):
     assert kd["pyramid_accuracy"] == pytest.approx(kd_accuracy)
     assert "pyramid_accuracy" not in next(r for r in rows if r["role"] == "teacher")
     assert "accuracy, pyramid reads" in sweep.format_table(rows)
+
+
+def test_the_heatmap_reuses_the_masks_thumbnail_unless_told_its_resolution(tmp_path):
+    """A 10.24 mm slide at 4 µm/px: the default heatmap (~10 µm/px) takes the 8 µm/px mask thumbnail
+    as it is (no second read of the slide); an explicit --heatmap_mpp is honoured."""
+    rng = np.random.default_rng(3)
+    n = 2560
+    image = np.where(tissue_disc(n)[..., None], np.array([215, 95, 160]) + rng.normal(0, 8, (n, n, 3)),
+                     243 + rng.normal(0, 1.5, (n, n, 3)))
+    slide = tmp_path / "big.tiff"
+    synthetic_slides.write_pyramid_tiff(slide, np.clip(np.rint(image), 0, 255).astype(np.uint8), mpp=4.0,
+                                        levels=(1, 4))
+    default = inference.predict_slide(slide, predictor=redness_predictor([]), out_dir=tmp_path / "a",
+                                      show_progress=False)
+    assert default["heatmap_mpp"] == 8.0
+    assert Image.open(tmp_path / "a" / "big.heatmap.png").size[0] == n // 2
+    told = inference.predict_slide(slide, predictor=redness_predictor([]), out_dir=tmp_path / "b", heatmap_mpp=12.0,
+                                   show_progress=False)
+    assert told["heatmap_mpp"] == 12.0 and Image.open(tmp_path / "b" / "big.heatmap.png").size[0] == round(n / 3)

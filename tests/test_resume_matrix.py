@@ -150,7 +150,7 @@ def run(workdir: pathlib.Path, args: tuple[str, ...], *, kill_at: str | None = N
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_sigkill_then_rerun_gives_the_uninterrupted_test_predictions_bit_for_bit(name, teachers, tmp_path):
-    args, (_, stages, killed) = case_args(name, teachers), CASES[name]
+    args, (_, _, killed) = case_args(name, teachers), CASES[name]
     # the uninterrupted run and the one killed after step 10 run side by side
     straight_proc = start(tmp_path / "straight", args)
     interrupted = run(tmp_path / "resumed", args, kill_at=f"{killed}:{KILL_AT}")

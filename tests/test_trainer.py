@@ -164,8 +164,6 @@ def test_resume_with_another_selection_metric_is_refused(tmp_path, data_root):
 
 
 def test_resume_on_a_changed_dataset_of_the_same_size_is_refused_and_loses_nothing(tmp_path):
-    import shutil
-
     root = tmp_path / "tiles"
     config = tiny_config(str(root))
     config.stages = ("teacher",)
