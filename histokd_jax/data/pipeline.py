@@ -88,8 +88,8 @@ class GlobalBatchSampler:
 
 # grain's reader threads per process: 2, at most 32 records ahead. grain's default (16 threads, 500
 # records ahead) checks every pending read for each record it hands out; on 2 cores that bookkeeping
-# cost more than the reads and the views together (benchmarks/pipeline.py: 830-950 tiles/s against
-# 1500-1700 here; 128 ahead: 1400-1500). Slide reads release the GIL, so two threads still overlap them.
+# cost more than the reads and the views together (benchmarks/pipeline.py, BENCHMARKS.md: the loader
+# 1.1-1.35x the step before, 1.8-2.2x after). Slide reads release the GIL, so two threads overlap them.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
 
 
