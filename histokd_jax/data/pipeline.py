@@ -86,11 +86,17 @@ class GlobalBatchSampler:
         return f"GlobalBatchSampler({self._inner!r}, per_process_batch={self._b}, process={self._p}/{self._n})"
 
 
-# grain's reader threads per process: 2, at most 32 records ahead. grain's default (16 threads, 500
-# records ahead) checks every pending read for each record it hands out; on 2 cores that bookkeeping
-# cost more than the reads and the views together (benchmarks/pipeline.py, BENCHMARKS.md: the loader
-# 1.1-1.35x the step before, 1.8-2.2x after). Slide reads release the GIL, so two threads overlap them.
-READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
+def read_options(*, batch_size: int) -> grain.ReadOptions:
+    """grain's reader threads for one process: two, two batches ahead (at least 32 records).
+
+    grain's default (16 threads, 500 records ahead) checks every pending read for each record it
+    hands out; on 2 cores that bookkeeping cost more than the reads and the views together
+    (benchmarks/pipeline.py, BENCHMARKS.md). Slide reads release the GIL, so two threads overlap them
+    with the main process's work. Two batches ahead, not fewer: the loader alone ran faster 32
+    ahead, but the demo's student stages ran 17-38% slower with it (one run each; likely the readers
+    then run dry while the step holds both cores).
+    """
+    return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(32, 2 * batch_size))
 
 
 def make_train_loader(
@@ -116,7 +122,7 @@ def make_train_loader(
         worker_count=workers,
         worker_buffer_size=worker_buffer_size,
         shard_options=grain.sharding.NoSharding(),
-        read_options=READ_OPTIONS,
+        read_options=read_options(batch_size=batch_size),
     )
     return TrainLoader(loader, batch_size)
 
