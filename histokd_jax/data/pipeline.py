@@ -92,9 +92,8 @@ def read_options(*, batch_size: int) -> grain.ReadOptions:
     grain's default (16 threads, 500 records ahead) checks every pending read for each record it
     hands out; on 2 cores that bookkeeping cost more than the reads and the views together
     (benchmarks/pipeline.py, BENCHMARKS.md). Slide reads release the GIL, so two threads overlap them
-    with the main process's work. Two batches ahead, not fewer: the loader alone ran faster 32
-    ahead, but the demo's student stages ran 17-38% slower with it (one run each; likely the readers
-    then run dry while the step holds both cores).
+    with the main process's work. 32 records ahead measured the same within this machine's noise,
+    for the loader alone and for the demo (BENCHMARKS.md).
     """
     return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(32, 2 * batch_size))
 
