@@ -52,9 +52,9 @@ class Rule:
     def confidence(self, probs: np.ndarray) -> np.ndarray:
         return margin(probs) if self.score == "margin" else entropy_confidence(probs)
 
-    def to_teacher(self, probs: np.ndarray) -> np.ndarray:
-        """A boolean per tile: True where the teacher decides."""
-        return route(self.confidence(probs), threshold=self.threshold, budget=self.budget)
+    def to_teacher(self, confidence: np.ndarray) -> np.ndarray:
+        """A boolean per tile, from the student's ``confidence``: True where the teacher decides."""
+        return route(confidence, threshold=self.threshold, budget=self.budget)
 
     def describe(self) -> dict:
         return {"score": self.score, "threshold": self.threshold, "budget": self.budget}

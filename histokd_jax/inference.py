@@ -285,7 +285,7 @@ def predict_slide(path: str | pathlib.Path, *, predictor: Predictor, out_dir: st
             # thumbnail serves when it is no more than 2x finer than that (a second read of a fine level
             # cost 1 s on a 2x-step scan, BENCHMARKS.md)
             heat_mpp = heatmap_mpp or max(resolution.mpp, max(slide.dimensions) * resolution.mpp / 1024)
-            close = heat_mpp / 2 <= mask_mpp <= heat_mpp if heatmap_mpp is None else False
+            close = heatmap_mpp is None and heat_mpp / 2 <= mask_mpp <= heat_mpp
             if close or slides.thumbnail_mpp(slide, base_mpp=resolution.mpp, target_mpp=heat_mpp) == mask_mpp:
                 thumb, heat_mpp = mask_thumb, mask_mpp  # the same read: reuse it
             else:
@@ -321,8 +321,8 @@ def _cascade_step(slide, cascade: Cascade, *, probs: np.ndarray, coords: np.ndar
                   **tiles: Any) -> tuple[np.ndarray, dict, dict, int]:
     """The teacher's pass over the tiles the rule picks from the student's ``probs``: (probs with the
     teacher's where it decided, the CSV's extra columns, the summary's ``cascade``, level pixels read)."""
-    to_teacher = cascade.rule.to_teacher(probs)
     confidence = cascade.rule.confidence(probs)
+    to_teacher = cascade.rule.to_teacher(confidence)
     probs, teacher_level, read_px = probs.copy(), None, 0
     if to_teacher.any():
         chosen = np.flatnonzero(to_teacher)

@@ -158,14 +158,18 @@ def _result_of(stage_dir: pathlib.Path) -> dict:
     return row
 
 
+def _scored(preds: dict, *, n_boot: int) -> tuple[dict, dict]:
+    """(point figures, 95% bootstrap CIs over slides) of saved test predictions."""
+    ci = metrics.bootstrap_ci(preds["labels"], preds["probs"], n_boot=n_boot, seed=0, groups=preds["slides"])
+    return metrics.scores(preds["labels"], preds["probs"]), ci
+
+
 def _pyramid_accuracy(stage_dir: pathlib.Path, *, n_boot: int) -> dict:
     """A student's test accuracy on pyramid reads, with its CI ({} where there are none: tile data, teachers)."""
     if not (stage_dir / report.PYRAMID_PREDICTIONS).exists():
         return {}
-    preds = report.load_predictions(stage_dir, filename=report.PYRAMID_PREDICTIONS)
-    ci = metrics.bootstrap_ci(preds["labels"], preds["probs"], n_boot=n_boot, seed=0, groups=preds["slides"])
-    return {"pyramid_accuracy": metrics.scores(preds["labels"], preds["probs"])["accuracy"],
-            "pyramid_accuracy_ci95": list(ci["accuracy"])}
+    point, ci = _scored(report.load_predictions(stage_dir, filename=report.PYRAMID_PREDICTIONS), n_boot=n_boot)
+    return {"pyramid_accuracy": point["accuracy"], "pyramid_accuracy_ci95": list(ci["accuracy"])}
 
 
 def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: int = 64,
@@ -177,10 +181,8 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
     for stage_dir in report.find_models(workdir):
         result = _result_of(stage_dir)
         config, run = report.load_run(stage_dir.parent)
-        preds = report.load_predictions(stage_dir)
-        point = metrics.scores(preds["labels"], preds["probs"])
+        point, ci = _scored(report.load_predictions(stage_dir), n_boot=n_boot)
         pyramid = _pyramid_accuracy(stage_dir, n_boot=n_boot)
-        ci = metrics.bootstrap_ci(preds["labels"], preds["probs"], n_boot=n_boot, seed=0, groups=preds["slides"])
         factor = 1 if result["role"] == "teacher" else resolve_downsample(config.data)
         teacher_mpp = slides.parse_target(config.data.teacher_magnification) if config.data.teacher_magnification \
             else None
