@@ -355,6 +355,39 @@ class ResNetGN(nn.Module):
         return logits, features
 
 
+# On CPU, XLA's convolutions run 1.5-2x slower once a layer's activations outgrow the caches (the 7x7 stem
+# on 256 px: ~60 GFLOP/s up to 8 images, ~37 from 16; a 3x3 32->32 layer on 64x64: ~92 up to 32 images, ~55
+# from 64; BENCHMARKS.md). Forward passes that are not differentiated run on microbatches whose stem output
+# (the largest activation) holds at most this many bytes.
+CPU_MICROBATCH_BYTES = 16 * 2**20
+
+
+def num_microbatches(*, batch: int, input_px: int, stem_width: int, itemsize: int = 4,
+                     max_bytes: int = CPU_MICROBATCH_BYTES) -> int:
+    """The fewest microbatches that divide ``batch`` and keep each one's stem output within ``max_bytes``."""
+    side = -(-input_px // 2)
+    want = -(-batch * side * side * stem_width * itemsize // max_bytes)
+    return next(n for n in range(max(1, want), batch + 1) if batch % n == 0) if batch else 1
+
+
+def apply_in_microbatches(model: ResNetGN, variables: Any, images: jnp.ndarray, *,
+                          max_bytes: int = CPU_MICROBATCH_BYTES) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """``model.apply(variables, images)`` for a forward pass that is not differentiated (teacher targets,
+    evaluation, inference): on CPU, one microbatch at a time (``lax.map``), each small enough for the caches;
+    elsewhere, or when one fits, the plain call. Differentiating it is slow (the loop's transpose).
+
+    Microbatch j holds images j, j + n, j + 2n, ...: on a batch split across devices every device keeps
+    its share of every microbatch, so nothing moves between devices."""
+    n = num_microbatches(batch=images.shape[0], input_px=images.shape[1], stem_width=model.widths[0],
+                         itemsize=jnp.dtype(model.dtype).itemsize, max_bytes=max_bytes)
+    if jax.default_backend() != "cpu" or n == 1:
+        return model.apply(variables, images)
+    b = images.shape[0]
+    strided = images.reshape(b // n, n, *images.shape[1:]).swapaxes(0, 1)
+    out = jax.lax.map(lambda x: model.apply(variables, x), strided)
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(b, *y.shape[2:]), out)
+
+
 def last_stage(features: dict[str, jnp.ndarray]) -> jnp.ndarray:
     """The deepest stage's feature map (the one the paper distils)."""
     deepest = max(int(k[len("stage"):]) for k in features if k.startswith("stage"))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from histokd_jax import losses
-from histokd_jax.models import last_stage, normalize_images
+from histokd_jax.models import apply_in_microbatches, last_stage, normalize_images
 from histokd_jax.state import TrainState
 from histokd_jax.symmetry import DIHEDRAL, dihedral
 
@@ -116,7 +116,8 @@ def distill_step(
     if "teacher_map" in batch:
         t_logits, t_map = batch["teacher_logits"], batch["teacher_map"]
     else:
-        t_logits, t_features = teacher.apply({"params": teacher_params}, normalize_images(batch["teacher_image"]))
+        t_logits, t_features = apply_in_microbatches(teacher, {"params": teacher_params},
+                                                     normalize_images(batch["teacher_image"]))
         t_map = last_stage(t_features)
     t_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
     t_map = jax.lax.stop_gradient(t_map.astype(jnp.float32))
@@ -153,5 +154,5 @@ def distill_step(
 
 def eval_step(params: Any, batch: dict[str, jnp.ndarray], *, model: nn.Module, image_key: str) -> jnp.ndarray:
     """Class probabilities for ``batch[image_key]``; metrics are computed on the host."""
-    logits, _ = model.apply({"params": params}, normalize_images(batch[image_key]))
+    logits, _ = apply_in_microbatches(model, {"params": params}, normalize_images(batch[image_key]))
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

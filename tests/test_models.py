@@ -347,3 +347,24 @@ def test_unknown_padding_is_refused():
     model = models.ResNetGN(num_classes=3, **TINY, padding="valid")
     with pytest.raises(ValueError, match="padding must be one of"):
         _shapes(model, 16)
+
+
+def test_num_microbatches_by_hand():
+    # 256 px, 32 stem channels, float32: a 128 x 128 x 32 stem output is 2 MiB per image
+    assert models.num_microbatches(batch=32, input_px=256, stem_width=32, max_bytes=16 * 2**20) == 4
+    assert models.num_microbatches(batch=8, input_px=256, stem_width=32, max_bytes=16 * 2**20) == 1
+    assert models.num_microbatches(batch=12, input_px=256, stem_width=32, max_bytes=5 * 2**20) == 6  # 5 -> divisor 6
+    assert models.num_microbatches(batch=7, input_px=256, stem_width=32, max_bytes=4 * 2**20) == 7  # prime batch
+
+
+def test_microbatched_forward_equals_the_plain_forward_in_order():
+    """Three strided microbatches give every image its own logits and feature maps, in batch order."""
+    m = models.ResNetGN(num_classes=3, widths=(8, 16), blocks_per_stage=(1, 1), num_groups=4)
+    x = jax.random.normal(jax.random.key(0), (12, 32, 32, 3))
+    variables = m.init(jax.random.key(1), x)
+    per_image = 16 * 16 * 8 * 4
+    assert models.num_microbatches(batch=12, input_px=32, stem_width=8, max_bytes=per_image * 4) == 3
+    got = jax.jit(lambda v, x: models.apply_in_microbatches(m, v, x, max_bytes=per_image * 4))(variables, x)
+    want = m.apply(variables, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
