@@ -162,7 +162,7 @@ FEW_INPUT_CHANNELS = 4
 def _lax_conv_padded_channels(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: str) -> jnp.ndarray:
     """XLA's convolution with the input channels padded with zeros to ``FEW_INPUT_CHANNELS``: the same sums
     (the extra channel meets zero weights), but XLA's CPU kernel runs the 7x7 RGB stem ~2x faster on 4
-    channels than on 3 (20 vs 38-55 GFLOP/s at 256 px on the AMD EPYC, BENCHMARKS.md), and the stem is most
+    channels than on 3 (16-20 vs 32-55 GFLOP/s at 256 px on the AMD EPYC, BENCHMARKS.md), and the stem is most
     of a 256 px teacher's forward."""
     extra = FEW_INPUT_CHANNELS - x.shape[-1]
     if extra > 0:
@@ -365,7 +365,7 @@ CPU_MICROBATCH_BYTES = 16 * 2**20
 def num_microbatches(*, batch: int, input_px: int, stem_width: int, itemsize: int = 4,
                      max_bytes: int = CPU_MICROBATCH_BYTES) -> int:
     """The fewest microbatches that divide ``batch`` and keep each one's stem output within ``max_bytes``."""
-    side = -(-input_px // 2)
+    side, _ = _same_padding(input_px, 7, 2)  # the stem's 7x7 / stride-2 output
     want = -(-batch * side * side * stem_width * itemsize // max_bytes)
     return next(n for n in range(max(1, want), batch + 1) if batch % n == 0) if batch else 1
 
