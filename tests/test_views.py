@@ -340,7 +340,27 @@ def test_scanlike_share_of_training_views_and_none_in_evaluation():
     plain = views.ViewSpec(teacher_px=64, downsample=4, jitter=(0.3, 0.3, 0.3, 0.1))
     rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
     views.make_views(element, spec=plain, rng=rng_a)
-    views.augment(views.crop(tile, 64, rng_b), rng_b, spec=plain)
+    views.crop(tile, 64, rng_b), rng_b.random(), rng_b.integers(0, 4)  # crop, flip, turns; then the jitter's draws
+    views.color_jitter(np.zeros((1, 1, 3), np.float32), rng_b, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1)
     assert rng_a.random() == rng_b.random()
     with pytest.raises(ValueError, match="scanlike"):
         views.ViewSpec(teacher_px=64, downsample=4, scanlike=1.5)
+
+
+def test_a_batch_of_drawn_records_gets_each_records_own_flip_and_turn():
+    # the loader's two halves on a batch of 48: record i must be its own crop, flipped then turned as its
+    # own random stream says (decoded here by hand), and its student view the block mean of that
+    spec = views.ViewSpec(teacher_px=32, downsample=4)
+    tile = asymmetric_tile(32)
+    drawn = [views.draw_train_views({"image": tile, "label": i, "has_label": True}, spec=spec,
+                                    rng=np.random.default_rng(seed)) for i, seed in enumerate(range(100, 148))]
+    batch = views.finish_train_views({k: np.stack([d[k] for d in drawn]) for k in drawn[0]}, spec=spec)
+    for i, seed in enumerate(range(100, 148)):
+        rng = np.random.default_rng(seed)
+        rng.integers(0, 1), rng.integers(0, 1)  # the crop's offsets: the tile is the crop's size
+        mirror, turns = rng.random() < 0.5, int(rng.integers(0, 4))
+        expected = np.rot90(tile[:, ::-1] if mirror else tile, k=turns)
+        np.testing.assert_array_equal(batch["teacher_image"][i], expected)
+        assert np.max(np.abs(batch["student_image"][i] - np_block_mean(expected, 4))) <= 0.5
+        assert batch["label"][i] == i
+    assert len({(d["dihedral"]).item() for d in drawn}) == 8  # the batch mixes all eight elements

@@ -8,30 +8,33 @@ import grain
 import jax
 import numpy as np
 
-from histokd_jax.data.views import TrainViews, ViewSpec, make_views
+from histokd_jax.data.views import TrainViews, ViewSpec, finish_train_views, make_views
 from histokd_jax.messages import first_line
 
 
 class BatchIterator:
-    """Stacks consecutive elements of a grain iterator into batches, in the main process.
+    """Stacks consecutive elements of a grain iterator into batches, in the main process, and
+    finishes their views there (``views.finish_train_views``: flips, turns, block means, batch-wide).
 
     grain's own ``Batch`` runs inside each worker (worker k batches stream
     positions k, k+W, ...), which would make batch membership depend on the
     worker count. Batching here keeps batches identical for any ``workers``
-    while decoding and augmentation still run in the workers. The iterator state
+    while decoding and the per-record draws still run in the workers. The iterator state
     is grain's: checkpoints are taken between batches.
     """
 
-    def __init__(self, elements, batch_size: int):
+    def __init__(self, elements, batch_size: int, *, spec: ViewSpec):
         self._elements = elements
         self.batch_size = batch_size
+        self._spec = spec
 
     def __iter__(self) -> "BatchIterator":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         items = [next(self._elements) for _ in range(self.batch_size)]
-        return {key: np.stack([item[key] for item in items]) for key in items[0]}
+        batch = {key: np.stack([item[key] for item in items]) for key in items[0]}
+        return finish_train_views(batch, spec=self._spec)
 
     def get_state(self) -> bytes:
         return self._elements.get_state()
@@ -47,12 +50,13 @@ class BatchIterator:
 class TrainLoader:
     """Iterable of training batches; ``iter()`` gives a checkpointable ``BatchIterator``."""
 
-    def __init__(self, loader: grain.DataLoader, batch_size: int):
+    def __init__(self, loader: grain.DataLoader, batch_size: int, *, spec: ViewSpec):
         self.loader = loader
         self.batch_size = batch_size
+        self.spec = spec
 
     def __iter__(self) -> BatchIterator:
-        return BatchIterator(iter(self.loader), self.batch_size)
+        return BatchIterator(iter(self.loader), self.batch_size, spec=self.spec)
 
 
 class GlobalBatchSampler:
@@ -123,7 +127,7 @@ def make_train_loader(
         shard_options=grain.sharding.NoSharding(),
         read_options=read_options(batch_size=batch_size),
     )
-    return TrainLoader(loader, batch_size)
+    return TrainLoader(loader, batch_size, spec=spec)
 
 
 def eval_batches(source, *, spec: ViewSpec, global_batch_size: int,

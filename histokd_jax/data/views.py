@@ -24,23 +24,30 @@ _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
 
 
 def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
-    """Antialiased downsample of an HWC image by an integer factor: each output pixel is a block mean.
+    """Antialiased downsample of an HWC image (or a batch of them, ``...HWC``) by an integer factor: each
+    output pixel is a block mean.
 
     This is what a scanner's lower magnification approximates: every output pixel
     integrates the light of ``factor x factor`` input pixels.
     """
     if factor == 1:
         return image
-    h, w, c = image.shape
+    *lead, h, w, c = image.shape
     if h % factor or w % factor:
         raise ValueError(f"image {h}x{w} is not divisible by the downsample factor {factor}")
     if image.dtype != np.uint8:
-        return image.reshape(h // factor, factor, w // factor, factor, c).astype(np.float32).mean(axis=(1, 3))
-    # uint8: integer block sums, rows first then columns (cheaper than a float mean over both axes of a
-    # 5-d view), then the float32 division and rounding (half to even) that mean would give, exactly
+        blocks = image.reshape(*lead, h // factor, factor, w // factor, factor, c).astype(np.float32)
+        return blocks.mean(axis=(-4, -2))
+    # uint8: integer block sums as `factor` strided row slices added, then as many column slices (2-4x
+    # faster than reductions over reshaped axes, whose inner loops run over 3 channels), then the float32
+    # division and rounding (half to even) that the float mean would give, exactly
     total = np.uint16 if factor * factor * 255 < 1 << 16 else np.uint32
-    rows = image.reshape(h // factor, factor, w, c).sum(axis=1, dtype=total)
-    sums = rows.reshape(h // factor, w // factor, factor, c).sum(axis=2, dtype=total)
+    rows = image[..., 0::factor, :, :].astype(total)
+    for offset in range(1, factor):
+        rows += image[..., offset::factor, :, :]
+    sums = rows[..., 0::factor, :].copy()
+    for offset in range(1, factor):
+        sums += rows[..., offset::factor, :]
     return np.rint(sums.astype(np.float32) / np.float32(factor * factor)).astype(np.uint8)
 
 
@@ -137,31 +144,77 @@ class ViewSpec:
         return self.teacher_px // self.downsample
 
 
-def augment(image: np.ndarray, rng: np.random.Generator, *, spec: ViewSpec) -> np.ndarray:
-    """Flip, rotate by a multiple of 90 degrees and colour-jitter a uint8 HWC crop."""
-    if spec.flips and rng.random() < 0.5:
-        image = image[:, ::-1]
-    if spec.rot90:
-        image = np.rot90(image, k=int(rng.integers(0, 4)))
+def _draw_dihedral(rng: np.random.Generator, *, spec: ViewSpec) -> int:
+    """Index into ``DIHEDRAL`` of a random flip (drawn first) and quarter turns, as the spec allows."""
+    mirror = bool(spec.flips and rng.random() < 0.5)
+    turns = int(rng.integers(0, 4)) if spec.rot90 else 0
+    return DIHEDRAL.index((mirror, turns))
+
+
+def _jitter(image: np.ndarray, rng: np.random.Generator, *, spec: ViewSpec) -> np.ndarray:
+    b, c, s, h = spec.jitter
+    jittered = color_jitter(image.astype(np.float32) / 255.0, rng, brightness=b, contrast=c, saturation=s, hue=h)
+    return np.rint(jittered * 255.0).astype(np.uint8)
+
+
+def draw_train_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator) -> dict:
+    """The per-record half of a training view (grain runs it, in its workers when there are some).
+
+    The random crop, its colour jitter, the scanner-like student view when one is drawn (made
+    from the unturned crop, as a scanner builds its levels before any augmentation turns a read),
+    and which flip and turn ``finish_train_views`` applies to the whole batch at once: per record
+    those copies and the block mean cost more than the read itself on 2 cores (BENCHMARKS.md,
+    input pipeline). Colour jitter is per pixel, so it commutes with the flip and turn.
+    A record with cached teacher targets is finished here (``_cached_views``).
+    """
+    if "teacher_map" in element:
+        return _cached_views(element, spec=spec, rng=rng)
+    teacher = crop(element["image"], spec.teacher_px, rng)
+    index = _draw_dihedral(rng, spec=spec)
     if any(spec.jitter):
-        b, c, s, h = spec.jitter
-        jittered = color_jitter(image.astype(np.float32) / 255.0, rng, brightness=b, contrast=c, saturation=s, hue=h)
-        image = np.rint(jittered * 255.0).astype(np.uint8)
-    return np.ascontiguousarray(image)
+        teacher = _jitter(teacher, rng, spec=spec)
+    drawn = {"crop": np.ascontiguousarray(teacher), "dihedral": np.int8(index),
+             "label": np.int32(element["label"]), "has_label": np.bool_(element["has_label"])}
+    if spec.scanlike:  # every record carries the pair of keys, so the batch stacks
+        scanned = spec.downsample > 1 and rng.random() < spec.scanlike
+        drawn["scanned"] = np.bool_(scanned)
+        drawn["scan_student"] = (scanlike_downsample(teacher, spec.downsample, rng) if scanned
+                                 else np.zeros((spec.student_px,) * 2 + (3,), np.uint8))
+    return drawn
 
 
-def student_view(teacher: np.ndarray, *, spec: ViewSpec, rng: np.random.Generator | None) -> np.ndarray:
-    """The student's view of the (augmented) teacher crop: its block mean, or with probability
-    ``spec.scanlike`` in training a scanner-like level (no random draw at all when it is 0)."""
-    if rng is not None and spec.scanlike and spec.downsample > 1 and rng.random() < spec.scanlike:
-        return scanlike_downsample(teacher, spec.downsample, rng)
-    return area_downsample(teacher, spec.downsample)
+def finish_train_views(batch: dict[str, np.ndarray], *, spec: ViewSpec) -> dict[str, np.ndarray]:
+    """The batch half of training views: block means of all crops at once, then each record's flip and
+    turn applied to both its views, eight groups of records at most. Cached-target batches pass as they are."""
+    if "crop" not in batch:
+        return batch
+    crops, index = batch["crop"], batch["dihedral"]
+    students = area_downsample(crops, spec.downsample)  # commutes with the flips and turns: square blocks
+    if "scanned" in batch and batch["scanned"].any():
+        students = np.where(batch["scanned"][:, None, None, None], batch["scan_student"], students)
+    return {"teacher_image": _turn_each(crops, index), "student_image": _turn_each(students, index),
+            "label": batch["label"], "has_label": batch["has_label"]}
+
+
+def _turn_each(images: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Record i of an NHWC uint8 batch turned by ``DIHEDRAL[index[i]]``, one group of records per element.
+
+    Pixels are moved as single 3-byte items (a void view): numpy copies flipped or transposed
+    RGB arrays element by element over the 3 channels, which took as long as the block mean.
+    """
+    pixels = images.view(np.dtype((np.void, images.shape[-1])))[..., 0]
+    turned = np.empty_like(pixels)
+    for k in np.unique(index):
+        rows = index == k
+        turned[rows] = dihedral(pixels[rows], int(k))
+    return turned.view(np.uint8).reshape(images.shape)
 
 
 def make_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None) -> dict:
-    """``{image, label, has_label}`` -> ``{teacher_image, student_image, label, has_label}``.
+    """``{image, label, has_label}`` -> ``{teacher_image, student_image, label, has_label}``, one record.
 
-    With ``rng=None`` (evaluation) the crop is central and nothing is augmented, and a record that
+    With ``rng`` (training) this is the training loader's two halves on a batch of one. With
+    ``rng=None`` (evaluation) the crop is central and nothing is augmented, and a record that
     brings its own ``student_image`` (read from the slide's pyramid) keeps its central crop.
     A record with cached teacher targets (``teacher_logits``, ``teacher_map``: see
     ``teacher_targets.CachedTargetSource``) is cropped centrally, as when it was
@@ -170,19 +223,29 @@ def make_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None
     """
     if "teacher_map" in element:
         return _cached_views(element, spec=spec, rng=rng)
-    teacher = crop(element["image"], spec.teacher_px, rng)
     if rng is not None:
-        teacher = augment(teacher, rng, spec=spec)
-    if rng is None and "student_image" in element:  # read from the pyramid: what whole-slide inference sees
+        drawn = draw_train_views(element, spec=spec, rng=rng)
+        batch = finish_train_views({key: np.asarray(value)[None] for key, value in drawn.items()}, spec=spec)
+        return {key: value[0] for key, value in batch.items()}
+    teacher = crop(element["image"], spec.teacher_px, None)
+    if "student_image" in element:  # read from the pyramid: what whole-slide inference sees
         student = crop(element["student_image"], spec.student_px, None)
     else:
-        student = student_view(teacher, spec=spec, rng=rng)
+        student = area_downsample(teacher, spec.downsample)
     return {
         "teacher_image": teacher,
         "student_image": student,
         "label": np.int32(element["label"]),
         "has_label": np.bool_(element["has_label"]),
     }
+
+
+def _student_view(teacher: np.ndarray, *, spec: ViewSpec, rng: np.random.Generator | None) -> np.ndarray:
+    """The block mean of a cached-target crop, or with probability ``spec.scanlike`` in training a
+    scanner-like level (no random draw at all when it is 0)."""
+    if rng is not None and spec.scanlike and spec.downsample > 1 and rng.random() < spec.scanlike:
+        return scanlike_downsample(teacher, spec.downsample, rng)
+    return area_downsample(teacher, spec.downsample)
 
 
 def _cached_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None) -> dict:
@@ -194,7 +257,7 @@ def _cached_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | N
         teacher = np.ascontiguousarray(dihedral(teacher, index, axes=(0, 1)))
         t_map = np.ascontiguousarray(dihedral(t_map, index, axes=(0, 1)))
     return {  # no teacher image: the step uses the cached targets instead, so it is not sent to the devices
-        "student_image": student_view(teacher, spec=spec, rng=rng),
+        "student_image": _student_view(teacher, spec=spec, rng=rng),
         "teacher_logits": np.asarray(element["teacher_logits"], np.float32),
         "teacher_map": np.asarray(t_map, np.float32),
         "label": np.int32(element["label"]),
@@ -203,10 +266,10 @@ def _cached_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | N
 
 
 class TrainViews(grain.transforms.RandomMap):
-    """grain transform: augmented paired views, seeded per record by grain."""
+    """grain transform: the per-record half of the training views, seeded per record by grain."""
 
     def __init__(self, spec: ViewSpec):
         self.spec = spec
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        return make_views(element, spec=self.spec, rng=rng)
+        return draw_train_views(element, spec=self.spec, rng=rng)
