@@ -111,7 +111,8 @@ def saved_targets_match(folder: pathlib.Path, *, key: dict) -> bool:
 class CachedTargetSource:
     """A source whose records carry the teacher's cached targets (``teacher_logits``, ``teacher_map``).
 
-    ``data.views.make_views`` sees them and then crops centrally, applies the same
+    ``data.views`` sees them (``draw_train_views`` in training, whose batch half passes them
+    through, and ``make_views``) and then crops centrally, applies the same
     random dihedral transform to the crop and the map, and skips colour jitter. The
     targets stay in ``folder`` and are memory-mapped where they are read: grain's
     workers receive the folder's name, not gigabytes of feature maps.

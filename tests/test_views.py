@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from histokd_jax.data import views
+from histokd_jax.symmetry import DIHEDRAL as DIHEDRAL_ELEMENTS  # (mirror, quarter turns) of each index
 
 LUMA = np.asarray([0.299, 0.587, 0.114])  # Y row of YIQ (BT.601)
 
@@ -347,20 +348,46 @@ def test_scanlike_share_of_training_views_and_none_in_evaluation():
         views.ViewSpec(teacher_px=64, downsample=4, scanlike=1.5)
 
 
+def _marked_tile(px: int, mark: int) -> np.ndarray:
+    """``asymmetric_tile`` with record ``mark``'s own noise: no two records share pixels."""
+    noise = np.random.default_rng(1000 + mark).integers(0, 40, size=(px, px, 3))
+    return np.clip(asymmetric_tile(px).astype(np.int64) + noise, 0, 255).astype(np.uint8)
+
+
 def test_a_batch_of_drawn_records_gets_each_records_own_flip_and_turn():
     # the loader's two halves on a batch of 48: record i must be its own crop, flipped then turned as its
     # own random stream says (decoded here by hand), and its student view the block mean of that
     spec = views.ViewSpec(teacher_px=32, downsample=4)
-    tile = asymmetric_tile(32)
-    drawn = [views.draw_train_views({"image": tile, "label": i, "has_label": True}, spec=spec,
-                                    rng=np.random.default_rng(seed)) for i, seed in enumerate(range(100, 148))]
+    tiles = [_marked_tile(32, i) for i in range(48)]
+    drawn = [views.draw_train_views({"image": tiles[i], "label": i, "has_label": True}, spec=spec,
+                                    rng=np.random.default_rng(100 + i)) for i in range(48)]
     batch = views.finish_train_views({k: np.stack([d[k] for d in drawn]) for k in drawn[0]}, spec=spec)
-    for i, seed in enumerate(range(100, 148)):
-        rng = np.random.default_rng(seed)
+    for i in range(48):
+        rng = np.random.default_rng(100 + i)
         rng.integers(0, 1), rng.integers(0, 1)  # the crop's offsets: the tile is the crop's size
         mirror, turns = rng.random() < 0.5, int(rng.integers(0, 4))
-        expected = np.rot90(tile[:, ::-1] if mirror else tile, k=turns)
+        expected = np.rot90(tiles[i][:, ::-1] if mirror else tiles[i], k=turns)
         np.testing.assert_array_equal(batch["teacher_image"][i], expected)
         assert np.max(np.abs(batch["student_image"][i] - np_block_mean(expected, 4))) <= 0.5
         assert batch["label"][i] == i
     assert len({(d["dihedral"]).item() for d in drawn}) == 8  # the batch mixes all eight elements
+
+
+def test_a_batch_mixing_scanner_like_and_block_mean_students_turns_each_with_its_record():
+    spec = views.ViewSpec(teacher_px=32, downsample=4, scanlike=0.5)  # flips and turns on
+    tiles = [_marked_tile(32, i) for i in range(32)]
+    drawn = [views.draw_train_views({"image": tiles[i], "label": 0, "has_label": True}, spec=spec,
+                                    rng=np.random.default_rng(200 + i)) for i in range(32)]
+    batch = views.finish_train_views({k: np.stack([d[k] for d in drawn]) for k in drawn[0]}, spec=spec)
+    scanned = [bool(d["scanned"]) for d in drawn]
+    assert 0 < sum(scanned) < 32
+    for i, d in enumerate(drawn):
+        mirror, turns = DIHEDRAL_ELEMENTS[int(d["dihedral"])]
+        def turn(x):
+            return np.rot90(x[:, ::-1] if mirror else x, k=turns)
+        np.testing.assert_array_equal(batch["teacher_image"][i], turn(tiles[i]))
+        if scanned[i]:  # the scanner-like level of the unturned crop, turned with its record
+            np.testing.assert_array_equal(batch["student_image"][i], turn(d["scan_student"]))
+            assert not np.array_equal(batch["student_image"][i], views.area_downsample(turn(tiles[i]), 4))
+        else:
+            assert np.max(np.abs(batch["student_image"][i] - np_block_mean(turn(tiles[i]), 4))) <= 0.5

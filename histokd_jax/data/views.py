@@ -202,8 +202,10 @@ def _turn_each(images: np.ndarray, index: np.ndarray) -> np.ndarray:
     Pixels are moved as single 3-byte items (a void view): numpy copies flipped or transposed
     RGB arrays element by element over the 3 channels, which took as long as the block mean.
     """
-    pixels = images.view(np.dtype((np.void, images.shape[-1])))[..., 0]
-    turned = np.empty_like(pixels)
+    if images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"expected a batch of square uint8 images, got {images.dtype} {images.shape}")
+    pixels = np.ascontiguousarray(images).view(np.dtype((np.void, images.shape[-1])))[..., 0]
+    turned = np.empty(pixels.shape, pixels.dtype)
     for k in np.unique(index):
         rows = index == k
         turned[rows] = dihedral(pixels[rows], int(k))
