@@ -151,6 +151,11 @@ def _draw_dihedral(rng: np.random.Generator, *, spec: ViewSpec) -> int:
     return DIHEDRAL.index((mirror, turns))
 
 
+def _draw_scanned(rng: np.random.Generator, *, spec: ViewSpec) -> bool:
+    """Whether a training student view is scanner-like, with probability ``spec.scanlike`` (no draw at 0 or at f = 1)."""
+    return bool(spec.scanlike) and spec.downsample > 1 and bool(rng.random() < spec.scanlike)
+
+
 def _jitter(image: np.ndarray, rng: np.random.Generator, *, spec: ViewSpec) -> np.ndarray:
     b, c, s, h = spec.jitter
     jittered = color_jitter(image.astype(np.float32) / 255.0, rng, brightness=b, contrast=c, saturation=s, hue=h)
@@ -176,7 +181,7 @@ def draw_train_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator)
     drawn = {"crop": np.ascontiguousarray(teacher), "dihedral": np.int8(index),
              "label": np.int32(element["label"]), "has_label": np.bool_(element["has_label"])}
     if spec.scanlike:  # every record carries the pair of keys, so the batch stacks
-        scanned = spec.downsample > 1 and rng.random() < spec.scanlike
+        scanned = _draw_scanned(rng, spec=spec)
         drawn["scanned"] = np.bool_(scanned)
         drawn["scan_student"] = (scanlike_downsample(teacher, spec.downsample, rng) if scanned
                                  else np.zeros((spec.student_px,) * 2 + (3,), np.uint8))
@@ -245,7 +250,7 @@ def make_views(element: dict, *, spec: ViewSpec, rng: np.random.Generator | None
 def _student_view(teacher: np.ndarray, *, spec: ViewSpec, rng: np.random.Generator | None) -> np.ndarray:
     """The block mean of a cached-target crop, or with probability ``spec.scanlike`` in training a
     scanner-like level (no random draw at all when it is 0)."""
-    if rng is not None and spec.scanlike and spec.downsample > 1 and rng.random() < spec.scanlike:
+    if rng is not None and _draw_scanned(rng, spec=spec):
         return scanlike_downsample(teacher, spec.downsample, rng)
     return area_downsample(teacher, spec.downsample)
 
