@@ -85,6 +85,21 @@ def measure(slide: pathlib.Path, args) -> list[dict]:
     return rows
 
 
+def mask_recall(info: dict, scanner, *, kept: int) -> str:
+    """How many tiles of the teacher's grid have their centre in tissue by the slide's layout, beside
+    the number the tissue mask kept (a mask that drops tissue makes a slide look cheaper than it is)."""
+    import numpy as np
+
+    from histokd_jax.data import scanner_slides
+
+    side = TEACHER_PX * TEACHER_MPP / scanner.mpp
+    n = int(info["level_dimensions"][0][0] // side)
+    centres = (np.arange(n) + 0.5) * side
+    x, y = (a.ravel() for a in np.meshgrid(centres, centres))
+    tissue = int((scanner_slides.true_classes(info["layout"], x=x, y=y, mpp=scanner.mpp) >= 0).sum())
+    return f"tissue mask: {kept} teacher tiles kept; {tissue} of the grid's {n * n} have their centre in tissue"
+
+
 def print_table(rows: list[dict]) -> None:
     teacher = rows[0]
     print(f"{'model':<15}{'px':>4}{'level':>6}{'tiles':>6}{'wall s':>8}"
@@ -138,6 +153,7 @@ def main() -> None:
                       f"{'/'.join(map(str, scanner.downsamples))}, written in {time.perf_counter() - t0:.1f} s "
                       f"({slide.stat().st_size / 1e6:.0f} MB)", flush=True)
                 rows = measure(slide, args)
+                print(mask_recall(info, scanner, kept=rows[0]["tiles"]))
                 print_table(rows)
                 peaks[(key, size)] = [r["peak_rss_mb"] for r in rows]
                 slide.unlink()

@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.kind = "folder"
     c.data.root = ""  # required for "folder"; for the synthetic kinds, empty means under the workdir
     c.data.manifest = ""  # "slides": CSV slide,label,split[,mpp] (paths relative to the CSV)
-    c.data.min_tissue = 0.5  # "slides": minimum tissue fraction of a tile (Otsu mask on saturation)
+    c.data.min_tissue = 0.5  # "slides": minimum tissue fraction of a tile (saturation above the glass peak)
     c.data.tile_overlap = 0.0  # "slides": fraction of a tile shared with its neighbour
     c.data.slide_index_dir = ""  # "slides": where slide indexes are cached; empty: workdir/slide_index
     c.data.class_names = ()  # empty: the sorted sub-folders of root/train (this order = label index)

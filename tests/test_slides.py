@@ -317,19 +317,47 @@ def test_tile_grid_guards():
 # ---------------------------------------------------------------- algorithms
 
 
-def test_otsu_matches_brute_force_within_class_variance():
-    rng = np.random.default_rng(1)
-    values = np.clip(np.concatenate([rng.normal(40, 10, 6000), rng.normal(170, 20, 3000)]), 0, 255).astype(np.uint8)
-    t = slides.otsu_threshold(values)
-    assert 70 < t < 140
+def _brute_force_otsu(values: np.ndarray) -> int:
+    """The cut k minimising the within-class variance of ``values <= k`` and ``values > k``."""
     v = values.astype(float)
 
     def within(k):
         low, high = v[v <= k], v[v > k]
         return low.size * low.var() + high.size * high.var() if low.size and high.size else np.inf
 
-    best = min(range(255), key=within)
-    assert within(t) == pytest.approx(within(best), rel=1e-9)
+    return min(range(255), key=within)
+
+
+def _saturations(rng, *parts: tuple[float, float, int]) -> np.ndarray:
+    return np.clip(np.concatenate([rng.normal(m, sd, n) for m, sd, n in parts]), 0, 255).astype(np.uint8)
+
+
+def test_glass_threshold_keeps_pale_tissue_that_otsu_splits_off():
+    # glass (sat ~2) covering half the thumbnail, pale tissue (~30) and dense tissue (~110)
+    values = _saturations(np.random.default_rng(1), (2, 1, 50_000), (30, 6, 25_000), (110, 20, 25_000))
+    otsu = _brute_force_otsu(values)
+    assert 50 < otsu < 90  # Otsu cuts between the two tissues: the pale one would be lost
+    t = slides.glass_threshold(values)
+    glass, pale = values[:50_000], values[50_000:75_000]
+    assert (glass > t).mean() < 0.001
+    assert (pale > t).mean() > 0.99
+
+
+def test_glass_threshold_on_two_classes_and_on_bare_glass():
+    rng = np.random.default_rng(2)
+    # glass and one tissue: the cut lies between them, never inside the tissue
+    values = _saturations(rng, (3, 1.5, 60_000), (120, 25, 30_000))
+    t = slides.glass_threshold(values)
+    assert (values[:60_000] > t).mean() < 0.001 and (values[60_000:] > t).mean() > 0.995
+    # glass whose colour noise reaches past the floor: the cut is at the foot of its peak, not inside it
+    values = _saturations(rng, (10, 3, 60_000), (120, 25, 30_000))
+    t = slides.glass_threshold(values)
+    assert (values[:60_000] > t).mean() < 0.01 and (values[60_000:] > t).mean() > 0.995
+    # bare glass with colour noise: the floor keeps it out; a constant histogram has no peak to cut
+    noise = _saturations(rng, (3, 1.5, 100_000))
+    assert slides.glass_threshold(noise) >= 8 and (noise > slides.glass_threshold(noise)).mean() < 0.001
+    assert slides.glass_threshold(np.full(100, 5, np.uint8), min_saturation=8) == 8
+    assert slides.glass_threshold(np.zeros(0, np.uint8)) == 8
 
 
 def flood_fill_sizes(mask):

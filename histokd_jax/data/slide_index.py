@@ -2,7 +2,7 @@
 
 Indexing a slide (resolution, tissue mask, tile grid) costs a thumbnail read;
 its result is cached per slide under ``cache_dir`` (keyed by the file's size,
-mtime and the indexing settings), so reruns and interrupted runs redo nothing.
+mtime, the indexing settings and the mask's rule), so reruns and interrupted runs redo nothing.
 A slide that cannot be used (missing, unreadable, unsupported, no resolution,
 no tissue) is skipped with a one-line reason and a row in ``skipped_slides.csv``;
 the rest go on. A slide that breaks after indexing is replaced by other slides'
@@ -68,7 +68,7 @@ class SlideTiles:
 def _cache_file(entry: SlideEntry, settings: IndexSettings, cache_dir: pathlib.Path) -> pathlib.Path:
     stat = entry.path.stat()
     key = json.dumps([str(entry.path.resolve()), stat.st_size, stat.st_mtime_ns, entry.mpp,
-                      dataclasses.asdict(settings)])
+                      dataclasses.asdict(settings), slides.MASK_VERSION])
     return cache_dir / f"{entry.path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
 
 
