@@ -3,7 +3,7 @@
 Each case is one data kind or option that changes what the training loader reads (tile folders,
 the synthetic tiles, synthetic slides as the demo, a manifest of slides, TFDS array_record, part
 of the unlabelled pool, the true-label control, several views per crop, the target cache over
-slides). For each, the same command runs twice: once straight through, once killed by SIGKILL
+slides, scanner-like student views on it). For each, the same command runs twice: once straight through, once killed by SIGKILL
 after step 10 of the stage under test (with its step-8 checkpoint on disk) and then run again.
 The rerun must resume at step 8 and end with the straight run's test predictions, bit for bit:
 the state, the loader's position (the data source is recognised by content) and the best-so-far
@@ -105,6 +105,11 @@ CASES = {
                                           "--config.distill.views_per_crop=2"), ("distill",), "student_kd"),
     "target_cache_slides": (lambda d: (*demo_args(d), teacher_of(d, "slides"), "--config.distill.target_cache=True"),
                             ("distill",), "student_kd"),
+    # scanner-like student views (data.scanlike_student_views) draw extra random numbers per record: on the
+    # cached-target path (their views are made per record) with half of them drawn
+    "scanlike_target_cache_slides": (lambda d: (*demo_args(d), teacher_of(d, "slides"),
+                                                "--config.distill.target_cache=True",
+                                                "--config.data.scanlike_student_views=0.5"), ("distill",), "student_kd"),
 }
 SECTION = {"teacher": "teacher", "student_kd": "distill", "student_control": "control"}
 
