@@ -379,21 +379,23 @@ def write_heatmap(path: pathlib.Path, *, thumb: np.ndarray, thumb_mpp: float, ba
                   side: float, probs: np.ndarray, class_names: Sequence[str]) -> None:
     """The thumbnail with each tile tinted by its top class (stronger when more certain), and a legend."""
     h, w = thumb.shape[:2]
-    colour = np.zeros((h, w, 3), np.float32)
-    alpha = np.zeros((h, w, 1), np.float32)
+    colour = np.zeros((h, w, 3), np.uint16)
+    alpha = np.zeros((h, w, 1), np.uint16)  # in 256ths
     scale = base_mpp / thumb_mpp
     k = len(class_names)
-    for (x, y), p in zip(coords, probs):
+    top = probs.argmax(1)
+    certainty = (probs.max(1) - 1 / k) / (1 - 1 / k) if k > 1 else np.ones(len(probs))
+    weight = np.rint(256 * (0.35 + 0.4 * np.clip(certainty, 0.0, 1.0))).astype(np.uint16)
+    for (x, y), c, a in zip(coords.tolist(), top.tolist(), weight.tolist()):
         x0, y0 = int(x * scale), int(y * scale)
         x1, y1 = max(x0 + 1, int(round((x + side) * scale))), max(y0 + 1, int(round((y + side) * scale)))
-        top = int(p.argmax())
-        certainty = (p[top] - 1 / k) / (1 - 1 / k) if k > 1 else 1.0
-        colour[y0:y1, x0:x1] = PALETTE[top % len(PALETTE)]
-        alpha[y0:y1, x0:x1] = 0.35 + 0.4 * certainty
-    blended = thumb.astype(np.float32) * (1 - alpha) + colour * alpha
+        colour[y0:y1, x0:x1] = PALETTE[c % len(PALETTE)]
+        alpha[y0:y1, x0:x1] = a
+    # integer blend, rounded: (thumb (256 - a) + colour a) / 256 stays below 2^16; a = 0 leaves the thumbnail as it is
+    blended = ((thumb.astype(np.uint16) * (256 - alpha) + colour * alpha + 128) >> 8).astype(np.uint8)
     legend_h = 16 * k + 24
     canvas = Image.new("RGB", (max(w, 220), h + legend_h), "white")
-    canvas.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8)), (0, 0))
+    canvas.paste(Image.fromarray(blended), (0, 0))
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(class_names):
         y = h + 4 + 16 * c
