@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from configs import demo, demo_tiles  # noqa: E402
-from histokd_jax import parallel, steps, trainer  # noqa: E402
+from histokd_jax import model_config, parallel, steps  # noqa: E402
 from histokd_jax.data import synthetic  # noqa: E402
 from histokd_jax.data.pipeline import make_train_loader  # noqa: E402
 from histokd_jax.data.splits import load_splits, view_spec  # noqa: E402
@@ -52,7 +52,7 @@ def loader_rate(source, config, *, workers: int, batches: int) -> float:
 
 def step_rate(config, splits, *, batches: int) -> tuple[float, float]:
     """(tiles/s consumed by the jitted distillation step, first-call seconds)."""
-    model = trainer.make_model(config, num_classes=len(splits.class_names))
+    model = model_config.make_model(config, num_classes=len(splits.class_names))
     spec = view_spec(config.data, train=True)
     mesh = parallel.make_mesh()
     teacher = parallel.put_replicated(init_params(model, rng=jax.random.key(0), input_px=spec.teacher_px), mesh=mesh)

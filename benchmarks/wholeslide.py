@@ -40,12 +40,12 @@ def run_one(slide: pathlib.Path, factor: int, repeats: int, batch_size: int) -> 
     import numpy as np
 
     from configs import common
-    from histokd_jax import evaluation, inference, parallel, trainer
+    from histokd_jax import evaluation, inference, model_config, parallel
     from histokd_jax.state import init_params
 
     config = common.get_config()
     px = TEACHER_PX // factor
-    model = trainer.make_model(config, num_classes=3)
+    model = model_config.make_model(config, num_classes=3)
     mesh = parallel.make_mesh()
     params = parallel.put_replicated(init_params(model, rng=jax.random.key(0), input_px=px), mesh=mesh)
     eval_fn = evaluation.make_eval_fn(model=model, image_key="image", mesh=mesh)
@@ -62,7 +62,7 @@ def run_one(slide: pathlib.Path, factor: int, repeats: int, batch_size: int) -> 
     return {"factor": factor, "input_px": px, "mpp": TEACHER_MPP * factor, "level": median["level"],
             "level_downsample": median["level_downsample"], "tiles": median["tiles"],
             "seconds": median["seconds"], "first_seconds": passes[0]["seconds"], "timings_s": median["timings_s"],
-            "read_mpx": median["read_mpx"], "gflops": trainer.gflops_per_image(model, input_px=px),
+            "read_mpx": median["read_mpx"], "gflops": model_config.gflops_per_image(model, input_px=px),
             "peak_rss_mb": peak_rss_mb()}
 
 

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from histokd_jax import atomic, metrics, report, sweep
+from histokd_jax import atomic, metrics, report, sweep, trainer
+from histokd_jax.messages import say
 from histokd_jax.reproduce import seed_config
 
 # (name, overrides of config.distill); the first is the configs' default (temperature 1; two views per crop in
@@ -54,8 +55,6 @@ def run_ablations(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
                   n_boot: int = 1000) -> str | None:
     """Every variant for every seed, each distilled from the seed's teacher in ``workdir/seed<s>/teacher``
     (the reproduction's, or trained here on the same data when it is missing). None if stopped part-way."""
-    from histokd_jax import trainer
-
     workdir = pathlib.Path(workdir).absolute()
     for seed in seeds:
         seeded = seed_config(config, seed)
@@ -64,7 +63,7 @@ def run_ablations(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         if teacher_dir is None:
             return None
         for name, overrides in variants:
-            trainer.say(f"ablation: seed {seed}, {name}")
+            say(f"ablation: seed {seed}, {name}")
             cell = variant_config(seeded, overrides, factor=factor, teacher_dir=teacher_dir)
             out = workdir / "ablations" / f"seed{int(seed)}" / name
             if trainer.train_and_evaluate(cell, out, should_stop=should_stop, config_name=config_name) is None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from histokd_jax.units import MPP_AT_1X
+from histokd_jax.units import MPP_AT_1X, resolution_to_mpp
 
 STAGE_NAMES = ("teacher", "distill", "baseline", "control")
 SELECT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -374,7 +374,6 @@ def check_teacher_matches(config: ml_collections.ConfigDict, folder: pathlib.Pat
 
     ``class_names``: the classes the data loader found (default: ``data.class_names`` when set).
     """
-    from histokd_jax.data.slides import parse_target
 
     saved, run = teacher_record(folder)
     differ = []
@@ -391,7 +390,7 @@ def check_teacher_matches(config: ml_collections.ConfigDict, folder: pathlib.Pat
     if their_px and their_px != config.data.teacher_px:
         differ.append(f"data.teacher_px: {their_px} there, {config.data.teacher_px} here")
     their_mag, our_mag = saved_data.get("teacher_magnification"), config.data.teacher_magnification
-    if their_mag and our_mag and not math.isclose(parse_target(their_mag), _mpp(config.data, "teacher_magnification"),
+    if their_mag and our_mag and not math.isclose(resolution_to_mpp(their_mag), _mpp(config.data, "teacher_magnification"),
                                                   rel_tol=1e-3):
         differ.append(f"data.teacher_magnification: {their_mag!r} there, {our_mag!r} here")
     if differ:

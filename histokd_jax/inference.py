@@ -39,7 +39,9 @@ from histokd_jax import cascade as cascade_rules
 from histokd_jax.data import slides
 from histokd_jax.data.splits import resolve_downsample
 from histokd_jax.messages import first_line
+from histokd_jax.model_config import make_model
 from histokd_jax.state import abstract_params
+from histokd_jax.units import resolution_to_mpp
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,6 @@ def load_predictor(checkpoint_dir: str | pathlib.Path, *, model: str = "student"
     ``model``: "student" (distilled), "teacher" or "baseline". ``teacher_mpp``
     sets the teacher's µm/px when the run's config does not (tile-folder data).
     """
-    from histokd_jax import trainer  # trainer pulls in the data pipeline: only when predicting
-
     if model not in ROLES:
         raise ValueError(f"model must be one of {sorted(ROLES)}, got {model!r}")
     path = pathlib.Path(checkpoint_dir).expanduser().absolute()
@@ -87,13 +87,13 @@ def load_predictor(checkpoint_dir: str | pathlib.Path, *, model: str = "student"
         raise FileNotFoundError(f"no finished {model} model in {workdir} ({stage_dir} has no result.json)")
     config, run = report.load_run(workdir)
     if config.data.teacher_magnification:
-        teacher_mpp = slides.parse_target(config.data.teacher_magnification)
+        teacher_mpp = resolution_to_mpp(config.data.teacher_magnification)
     elif teacher_mpp is None:
         raise ValueError(f"the run in {workdir} was trained on tiles of unknown µm/px; give the teacher's "
                          "resolution (e.g. --teacher_mpp=1.0)")
     factor = 1 if model == "teacher" else resolve_downsample(config.data)
     input_px = int(run["teacher_px"]) // factor
-    net = trainer.make_model(config, num_classes=len(run["class_names"]))
+    net = make_model(config, num_classes=len(run["class_names"]))
     mesh = mesh if mesh is not None else parallel.make_mesh()
     params, _ = checkpoint.load_best_params(stage_dir, params_like=abstract_params(net, input_px=input_px), mesh=mesh)
     batch_size = int(math.ceil(batch_size / mesh.size) * mesh.size)

@@ -1,8 +1,18 @@
-"""Reasons and short lists for error messages, log lines and the rows of skipped_*.csv files."""
+"""Progress lines for the person at the terminal, and reasons and short lists for error messages, log
+lines and the rows of skipped_*.csv files."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import jax
+from tqdm.auto import tqdm
+
+
+def say(message: str) -> None:
+    """A progress message for the person at the terminal (process 0 only, tqdm-safe)."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
 
 
 def first_line(err: BaseException) -> str:

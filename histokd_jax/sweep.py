@@ -24,9 +24,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from histokd_jax import atomic, evaluation, metrics, parallel, report
-from histokd_jax.data import slides
+from histokd_jax import atomic, evaluation, metrics, parallel, report, trainer
 from histokd_jax.data.splits import resolve_downsample
+from histokd_jax.messages import say
+from histokd_jax.model_config import make_model
+from histokd_jax.models import check_groupnorm
+from histokd_jax.state import init_params
+from histokd_jax.units import MPP_AT_1X, resolution_to_mpp
 
 def cell_name(factor: int, fraction: float) -> str:
     return f"f{factor}" if fraction == 1.0 else f"f{factor}_pool{round(100 * fraction)}"
@@ -70,8 +74,6 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                   config_name: str = "this config") -> pathlib.Path | None:
     """The sweep's teacher: ``config.teacher.checkpoint`` if given, else trained (or reused) in
     ``workdir/teacher``, on the sweep's data. None if stopped part-way."""
-    from histokd_jax import trainer
-
     if config.teacher.checkpoint:
         return pathlib.Path(config.teacher.checkpoint)
     first = ml_collections.ConfigDict(config.to_dict())
@@ -86,9 +88,6 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
               should_stop: Callable[[str, int], bool] | None = None, config_name: str = "this config",
               n_boot: int = 1000) -> list[dict] | None:
     """Train (or reuse) the teacher, then every cell; write the table. None if stopped part-way."""
-    from histokd_jax import trainer
-    from histokd_jax.models import check_groupnorm
-
     workdir = pathlib.Path(workdir).absolute()
     teacher_dir = train_teacher(config, workdir, should_stop=should_stop, config_name=config_name)
     if teacher_dir is None:
@@ -99,13 +98,13 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             check_groupnorm(input_px=student_px, widths=config.model.widths, num_groups=config.model.num_groups,
                             role=f"student at factor {factor}")
         except ValueError as err:
-            trainer.say(f"sweep: factor {factor} skipped: {err}")
+            say(f"sweep: factor {factor} skipped: {err}")
             continue
         pool_factors = tuple(int(f) for f in config.sweep.pool_factors)
         fractions = config.sweep.unlabeled_fractions if not pool_factors or int(factor) in pool_factors else (1.0,)
         for fraction in fractions:
             name = cell_name(int(factor), float(fraction))
-            trainer.say(f"sweep: {name}")
+            say(f"sweep: {name}")
             cell = cell_config(config, factor=int(factor), fraction=float(fraction), teacher_dir=teacher_dir,
                                data_dirs=shared_data(config, workdir=workdir))
             if trainer.train_and_evaluate(cell, workdir / name, should_stop=should_stop,
@@ -118,12 +117,9 @@ def images_per_second(config: ml_collections.ConfigDict, *, num_classes: int, in
                       min_seconds: float = 1.0) -> float:
     """Forward-pass throughput at ``input_px`` on this machine's devices (speed does not depend on the
     weights, so fresh ones are used): the median of timed batches after a warm-up."""
-    from histokd_jax import trainer
-    from histokd_jax.state import init_params
-
     mesh = parallel.make_mesh()
     batch_size = int(math.ceil(batch_size / mesh.size) * mesh.size)
-    model = trainer.make_model(config, num_classes=num_classes)
+    model = make_model(config, num_classes=num_classes)
     params = parallel.put_replicated(init_params(model, rng=jax.random.key(0), input_px=input_px), mesh=mesh)
     eval_fn = evaluation.make_eval_fn(model=model, image_key="image", mesh=mesh)
     batch = parallel.put_batch({"image": np.zeros((batch_size, input_px, input_px, 3), np.uint8)}, mesh=mesh)
@@ -184,7 +180,7 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
         point, ci = _scored(report.load_predictions(stage_dir), n_boot=n_boot)
         pyramid = _pyramid_accuracy(stage_dir, n_boot=n_boot)
         factor = 1 if result["role"] == "teacher" else resolve_downsample(config.data)
-        teacher_mpp = slides.parse_target(config.data.teacher_magnification) if config.data.teacher_magnification \
+        teacher_mpp = resolution_to_mpp(config.data.teacher_magnification) if config.data.teacher_magnification \
             else None
         px = int(result["input_px"])
         if measure and px not in speed:
@@ -193,7 +189,7 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
         row = {
             "model": stage_dir.relative_to(workdir).as_posix(), "role": result["role"], "factor": factor,
             "input_px": px, "mpp": None if teacher_mpp is None else teacher_mpp * factor,
-            "magnification": None if teacher_mpp is None else 10.0 / (teacher_mpp * factor),
+            "magnification": None if teacher_mpp is None else MPP_AT_1X / (teacher_mpp * factor),
             "pool": float(config.data.get("unlabeled_fraction", 1.0)) if result["role"] == "student_kd" else None,
             "accuracy": point["accuracy"], "accuracy_ci95": list(ci["accuracy"]), "macro_f1": point["macro_f1"],
             "macro_auc": point["macro_auc"], "gflops_per_image": result["gflops_per_image"],

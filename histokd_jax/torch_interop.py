@@ -251,7 +251,7 @@ def import_teacher(checkpoint: str | pathlib.Path, *, config: Any, out: str | pa
                    key: str | None = None) -> pathlib.Path:
     """``launch/import_torch.py``: read a ``.pt``, convert it strictly for ``config``'s model, write the teacher
     folder. The class count comes from ``fc.weight`` and must agree with ``data.class_names`` when set."""
-    from histokd_jax.trainer import make_model
+    from histokd_jax.model_config import make_model
 
     state = load_torch_state_dict(checkpoint, key=key)
     if "fc.weight" not in state:
@@ -271,7 +271,7 @@ def export_run_model(workdir: str | pathlib.Path, *, model: str, out: str | path
     from histokd_jax import checkpoint, parallel, report
     from histokd_jax.inference import ROLES
     from histokd_jax.state import abstract_params
-    from histokd_jax.trainer import make_model
+    from histokd_jax.model_config import make_model
 
     workdir = pathlib.Path(workdir)
     config, run = report.load_run(workdir)

@@ -30,18 +30,13 @@ from histokd_jax.data.splits import DataSplits, load_splits, resolve_downsample,
 from histokd_jax.evaluation import Evaluation, evaluate_split, make_eval_fn
 from histokd_jax.config_checks import check_config, check_teacher_matches, require_finished_teacher
 from histokd_jax.metric_writer import MetricWriter
+from histokd_jax.messages import say
 from histokd_jax.metrics import classification_metrics
-from histokd_jax.models import COMPUTE_DTYPES, ResNetGN, forward_flops
+from histokd_jax.model_config import compute_dtype, gflops_per_image, make_model
 from histokd_jax.optim import make_optimizer
 from histokd_jax.state import abstract_params, create_train_state, init_params
 
 RESULT_KEYS = ("role", "input_px", "downsample", "split", "accuracy", "balanced_accuracy", "macro_f1", "gflops_per_image")
-
-
-def say(message: str) -> None:
-    """A progress message for the person at the terminal (process 0 only, tqdm-safe)."""
-    if jax.process_index() == 0:
-        tqdm.write(message)
 
 
 @dataclasses.dataclass
@@ -63,36 +58,6 @@ class Stage:
     views_per_crop: int = 1  # distillation: student views per teacher crop (the loader batch is batch_size / this)
     # (source, mesh=, stage_dir=) -> source, called once training starts: e.g. attach cached teacher targets
     prepare_source: Callable[..., Any] | None = None
-
-
-def make_model(config: ml_collections.ConfigDict, *, num_classes: int) -> ResNetGN:
-    m = config.model
-    return ResNetGN(
-        num_classes=num_classes,
-        widths=tuple(m.widths),
-        blocks_per_stage=tuple(m.blocks_per_stage),
-        num_groups=m.num_groups,
-        dtype=compute_dtype(m.get("compute_dtype", "float32")),
-        conv_lowering=m.get("conv_lowering", "auto"),
-        padding=m.get("padding", "same"),
-        norm_epsilon=m.get("norm_epsilon", 1e-6),
-    )
-
-
-def compute_dtype(name: str) -> Any:
-    """``model.compute_dtype``: "float32", or "bfloat16" for mixed precision on GPU/TPU (parameters,
-    GroupNorm statistics, logits and losses stay float32). On CPUs without bfloat16 units it is slower."""
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"model.compute_dtype must be one of {', '.join(map(repr, COMPUTE_DTYPES))}, got {name!r}")
-    return COMPUTE_DTYPES[name]
-
-
-def gflops_per_image(model: ResNetGN, *, input_px: int) -> float:
-    """GFLOPs of one forward pass, counted analytically (``models.forward_flops``: every kernel tap,
-    as papers count them). XLA's cost analysis would depend on the lowering: it skips padded taps of
-    its convolutions but counts them in the patch matmuls that small convolutions become."""
-    return forward_flops(input_px=input_px, widths=tuple(model.widths), blocks_per_stage=tuple(model.blocks_per_stage),
-                         num_classes=model.num_classes) / 1e9
 
 
 def _flush(pending: list[dict], *, stage: "Stage", last_step: int, ckpt_dir: pathlib.Path, latest_saved) -> dict:
@@ -476,7 +441,8 @@ def train_and_evaluate(
     should_stop: Callable[[str, int], bool] | None = None,
     config_name: str = "this config",
 ) -> list[dict] | None:
-    """Run every stage in ``config.stages``; write and print ``workdir/results.json``.
+    """Run every stage in ``config.stages``; write and print ``workdir/results.json``. The end-of-run
+    report (``train.final_report``) is ``experiment.train_and_report``'s, above this module.
 
     ``should_stop(role, step)`` lets a caller (a preemption handler, a test) stop
     after a step with a checkpoint saved; the function then returns None.
@@ -530,34 +496,7 @@ def train_and_evaluate(
     if writer.enabled:
         atomic.write_json(workdir / "results.json", rows)
     print(format_table(rows), flush=True)
-    if writer.enabled and config.train.final_report:
-        if jax.process_count() > 1:  # the report measures speed and runs inference on this host's devices alone
-            say(f"multi-process run: write the report on one host afterwards with "
-                f"python launch/evaluate.py --workdir={workdir} (and launch/sweep.py / launch/predict.py)")
-        else:
-            finish_run(config, workdir, splits=splits)
     return rows
-
-
-def finish_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, splits: DataSplits) -> None:
-    """What a person looks at after a run: the evaluation report (CIs, ROC and confusion plots), the
-    resolution table with measured images/s, and heatmaps of the first ``train.heatmap_slides`` test slides."""
-    from histokd_jax import inference, sweep  # plotting and slide inference: only at the end
-
-    say("writing the evaluation report and the resolution table")
-    report.write_report(workdir, n_boot=config.train.bootstrap)
-    sweep.write_table(workdir, n_boot=config.train.bootstrap, batch_size=config.sweep.measure_batch_size)
-    print((workdir / "sweep.md").read_text().split("\n\n", 2)[-1], flush=True)
-    test_slides = list(dict.fromkeys(getattr(splits.test, "paths", [])))[: config.train.heatmap_slides]
-    if test_slides and (workdir / "student_kd" / "result.json").exists():
-        predictor = inference.load_predictor(workdir, model="student")
-        summaries, _ = inference.predict_slides([(pathlib.Path(p), None, None) for p in test_slides],
-                                                predictor=predictor, out_dir=workdir / "predictions",
-                                                min_tissue=config.data.min_tissue, show_progress=False)
-        for s in summaries:
-            say(f"student heatmap: {workdir / 'predictions' / s['name']}.heatmap.png "
-                f"(predicted {s['predicted']}, {s['tiles']} tiles at {s['tiles_per_s']:.0f} tiles/s)")
-    say(f"report: {workdir / 'report.md'}; table: {workdir / 'sweep.md'}; figures: {workdir / 'plots'}")
 
 
 def _run_metadata(splits: DataSplits, mesh, teacher_px: int, student_px: int) -> dict:

@@ -39,10 +39,10 @@ def main(argv: list[str]) -> None:
     runtime.prepare_runtime()
     runtime.init_distributed(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                              process_id=_PROCESS_ID.value)
-    from histokd_jax import trainer
+    from histokd_jax import experiment
 
     stop = runtime.StopOnSignal()
-    rows = trainer.train_and_evaluate(
+    rows = experiment.train_and_report(
         _CONFIG.value, _WORKDIR.value, should_stop=stop, config_name=flags.FLAGS["config"].config_filename
     )
     if rows is None:

@@ -41,7 +41,7 @@ md("""
     3. loads the demo config (synthetic whole slides read through OpenSlide),
     4. **calls the step functions directly**: a teacher trained by `steps.supervised_step` and a
        student distilled by `steps.distill_step`, in plain Python loops,
-    5. **runs the whole method in one call** (`trainer.train_and_evaluate`) and shows the
+    5. **runs the whole method in one call** (`experiment.train_and_report`) and shows the
        teacher / student table and the student's heatmap of a test slide.
 
     On a CPU it uses small settings (tiny slides, narrow model, a few dozen steps: about two
@@ -254,7 +254,7 @@ code("""
 
     import numpy as np
 
-    from histokd_jax import steps, trainer
+    from histokd_jax import model_config, steps
     from histokd_jax.data.pipeline import make_train_loader
     from histokd_jax.data.splits import load_splits, view_spec
     from histokd_jax.optim import make_optimizer
@@ -265,7 +265,7 @@ code("""
     train_spec, eval_spec = view_spec(config.data, train=True), view_spec(config.data, train=False)
     print(f"teacher sees {train_spec.teacher_px} px, student {train_spec.student_px} px "
           f"({train_spec.downsample}x downsample)")
-    model = trainer.make_model(config, num_classes=len(splits.class_names))
+    model = model_config.make_model(config, num_classes=len(splits.class_names))
     repl, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
 
@@ -356,7 +356,7 @@ code("""
 """)
 
 md("""
-    ## The one-call use: `trainer.train_and_evaluate`
+    ## The one-call use: `experiment.train_and_report`
 
     The same as `python launch/train.py --config=configs/demo.py --workdir=...`: the teacher,
     the distilled student and a label-only baseline at the student's resolution, each
@@ -366,7 +366,9 @@ md("""
 """)
 
 code("""
-    rows = trainer.train_and_evaluate(config, workdir)
+    from histokd_jax import experiment, trainer
+
+    rows = experiment.train_and_report(config, workdir)
     assert rows is not None
 """)
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from histokd_jax import checkpoint, parallel, runtime, trainer
+from histokd_jax import checkpoint, model_config, parallel, runtime
 from histokd_jax.data.pipeline import GlobalBatchSampler
 from tests.test_trainer import train_losses
 from histokd_jax.state import abstract_params
@@ -68,7 +68,7 @@ def _free_port() -> int:
 
 def _best_params(stage_dir: pathlib.Path) -> list[np.ndarray]:
     """The stage's selected parameters as numpy, restored onto this process's one device."""
-    model = trainer.make_model(tiny_config(), num_classes=3)
+    model = model_config.make_model(tiny_config(), num_classes=3)
     like = abstract_params(model, input_px=64 if stage_dir.name == "teacher" else 16)
     params, _ = checkpoint.load_best_params(stage_dir, params_like=like, mesh=parallel.make_mesh())
     return [np.asarray(x) for x in jax.tree.leaves(params)]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from histokd_jax import models, parallel, teacher_targets, trainer
+from histokd_jax import model_config, models, parallel, teacher_targets, trainer
 from histokd_jax.data import splits as data_splits
 from histokd_jax.data import synthetic, synthetic_slides, tfds_sources
 from histokd_jax.data.pipeline import make_train_loader
@@ -69,7 +69,7 @@ def first_batch(kind: str, stage_name: str, data: dict, *, share: float) -> tupl
     config = config_for(kind, data, share=share)
     workdir = data["work"] / kind
     splits = data_splits.load_splits(config.data, workdir=workdir)
-    model = trainer.make_model(config, num_classes=len(splits.class_names))
+    model = model_config.make_model(config, num_classes=len(splits.class_names))
     stage = trainer.build_stage(stage_name, config=config, model=model, splits=splits)
     loader = make_train_loader(stage.train_source, spec=trainer._train_spec(config, stage=stage), batch_size=BATCH,
                                seed=stage.seed, workers=0)

@@ -19,6 +19,7 @@ import tifffile
 from PIL import Image
 
 from histokd_jax.data import slides
+from histokd_jax.units import resolution_to_mpp
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "cmu_small_region.svs"
 BASE_MPP = 0.499
@@ -114,14 +115,14 @@ def test_mpp_missing_everywhere_asks_for_an_override():
     assert slides.slide_mpp(FakeSlide(), override=0.3) == slides.Resolution(0.3, "override")
 
 
-def test_parse_target():
-    assert slides.parse_target("10x") == pytest.approx(1.0)
-    assert slides.parse_target("1.25X") == pytest.approx(8.0)
-    assert slides.parse_target(0.5) == 0.5
-    assert slides.parse_target(" 0.5 ") == 0.5
+def test_resolution_to_mpp():
+    assert resolution_to_mpp("10x") == pytest.approx(1.0)
+    assert resolution_to_mpp("1.25X") == pytest.approx(8.0)
+    assert resolution_to_mpp(0.5) == 0.5
+    assert resolution_to_mpp(" 0.5 ") == 0.5
     for bad in ("ten", "-1", "0x", "0"):
         with pytest.raises(ValueError):
-            slides.parse_target(bad)
+            resolution_to_mpp(bad)
 
 
 # ---------------------------------------------------------------- level choice
@@ -211,7 +212,7 @@ def test_real_reads_at_three_magnifications_see_the_same_tissue(real):
     width, height = real.dimensions
     x0, y0 = int(0.5 * width), int(0.8 * height)  # inside the tissue band
     at10, at5, at125 = (
-        slides.read_region_at(real, x0=x0, y0=y0, size_px=size, base_mpp=BASE_MPP, target_mpp=slides.parse_target(mag))
+        slides.read_region_at(real, x0=x0, y0=y0, size_px=size, base_mpp=BASE_MPP, target_mpp=resolution_to_mpp(mag))
         for mag, size in (("10x", 64), ("5x", 32), ("1.25x", 8))
     )
     assert (at10.shape, at5.shape, at125.shape) == ((64, 64, 3), (32, 32, 3), (8, 8, 3))

@@ -287,8 +287,8 @@ def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_parameters_and_f
 
 
 def test_compute_dtype_config_is_checked():
-    from histokd_jax import trainer
+    from histokd_jax import model_config
 
-    assert trainer.compute_dtype("bfloat16") == jnp.bfloat16
+    assert model_config.compute_dtype("bfloat16") == jnp.bfloat16
     with pytest.raises(ValueError, match="compute_dtype"):
-        trainer.compute_dtype("float16")
+        model_config.compute_dtype("float16")

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from histokd_jax.data import sources, tfds_sources
+from histokd_jax.data import splits as data_splits
 from histokd_jax.data.splits import resolve_downsample
 
 CLASSES = ("adipose", "lympho", "tumor")
@@ -93,20 +94,20 @@ def test_load_tfds_splits_from_a_config(built):
     from histokd_jax.data.splits import DataSplits
 
     data = _tfds_data(data_dir)
-    splits = tfds_sources.load_tfds_splits(data)
+    splits = data_splits.load_tfds_splits(data)
     assert isinstance(splits, DataSplits) and splits.class_names == CLASSES
     assert splits.counts == {"train": 10, "unlabeled": 0, "val": 7, "test": 6}
     data.class_names = ("a", "b")
     with pytest.raises(ValueError, match="do not match the labels of toy_tiles"):
-        tfds_sources.load_tfds_splits(data)
+        data_splits.load_tfds_splits(data)
 
 
 def test_class_names_are_checked_by_name_and_order(built):
     _, data_dir, _ = built
-    assert tfds_sources.load_tfds_splits(_tfds_data(data_dir, class_names=CLASSES)).class_names == CLASSES
+    assert data_splits.load_tfds_splits(_tfds_data(data_dir, class_names=CLASSES)).class_names == CLASSES
     swapped = (CLASSES[1], CLASSES[0], CLASSES[2])  # the right names, the wrong order: labels 0 and 1 swapped
     with pytest.raises(ValueError, match=r"label i is the i-th name.*class_names=.*adipose.*lympho.*tumor"):
-        tfds_sources.load_tfds_splits(_tfds_data(data_dir, class_names=swapped))
+        data_splits.load_tfds_splits(_tfds_data(data_dir, class_names=swapped))
     # datasets whose labels are only numbers (e.g. patch_camelyon's "0", "1") take any names of that count
     assert tfds_sources.check_class_names(("normal", "tumor"), ("0", "1"), dataset="x") == ("normal", "tumor")
     with pytest.raises(ValueError):
@@ -118,7 +119,7 @@ def test_the_pool_honours_unlabeled_split_use_unlabeled_and_fraction(built):
     labelled = tfds_sources.tfds_split("toy_tiles", split="train[:60%]", data_dir=data_dir)
     rest = tfds_sources.tfds_split("toy_tiles", split="train[60%:]", data_dir=data_dir)
     assert (len(labelled), len(rest)) == (6, 4)
-    pool_of = lambda **kw: tfds_sources.load_tfds_splits(_tfds_data(  # noqa: E731
+    pool_of = lambda **kw: data_splits.load_tfds_splits(_tfds_data(  # noqa: E731
         data_dir, train_split="train[:60%]", unlabeled_split="train[60%:]", **kw)).pool
     pool = pool_of()
     assert len(pool) == 10
@@ -128,7 +129,7 @@ def test_the_pool_honours_unlabeled_split_use_unlabeled_and_fraction(built):
     np.testing.assert_array_equal(pool.labels(), [*labelled.labels(), -1, -1, -1, -1])
     half = pool_of(unlabeled_fraction=0.5)
     assert len(half) == 6 + 2 and not half[7]["has_label"]
-    without = lambda **kw: tfds_sources.load_tfds_splits(_tfds_data(  # noqa: E731
+    without = lambda **kw: data_splits.load_tfds_splits(_tfds_data(  # noqa: E731
         data_dir, train_split="train[:60%]", use_unlabeled=False, **kw)).pool
     assert len(without()) == 6
     with pytest.raises(ValueError, match="no unlabelled pool"):  # 25% of nothing is not a pool-size experiment
@@ -140,7 +141,7 @@ def test_unlabeled_split_without_use_unlabeled_is_an_error(built):
     _, data_dir, _ = built
     data = _tfds_data(data_dir, train_split="train[:60%]", unlabeled_split="train[60%:]", use_unlabeled=False)
     with pytest.raises(ValueError, match=r"data\.unlabeled_split.*data\.use_unlabeled.*--config\.data\.use_unlabeled=True"):
-        tfds_sources.load_tfds_splits(data)
+        data_splits.load_tfds_splits(data)
 
 
 @pytest.mark.parametrize("split, unlabeled, overlaps", [
@@ -156,16 +157,16 @@ def test_an_unlabeled_split_overlapping_train_val_or_test_is_refused(built, spli
     data = _tfds_data(data_dir, train_split=split, unlabeled_split=unlabeled)
     with pytest.raises(ValueError, match=rf"unlabeled_split='{re.escape(unlabeled)}' overlaps the "
                                          rf"'{re.escape(overlaps)}.*would leak into distillation"):
-        tfds_sources.load_tfds_splits(data)
+        data_splits.load_tfds_splits(data)
 
 
 def test_a_disjoint_unlabeled_split_is_accepted(built):
     _, data_dir, _ = built
-    splits = tfds_sources.load_tfds_splits(_tfds_data(data_dir, train_split="train[:60%]",
+    splits = data_splits.load_tfds_splits(_tfds_data(data_dir, train_split="train[:60%]",
                                                       unlabeled_split="train[60%:]"))
     assert splits.counts == {"train": 6, "unlabeled": 4, "val": 7, "test": 6}
     # the same data cut the other way round, val and test sliced too: still disjoint
-    splits = tfds_sources.load_tfds_splits(_tfds_data(
+    splits = data_splits.load_tfds_splits(_tfds_data(
         data_dir, train_split="train[3:]", val_split="val[:4]", test_split="test[:-1]",
         unlabeled_split="train[:3]+val[4:]+test[-1:]"))
     assert splits.counts == {"train": 7, "unlabeled": 3 + 3 + 1, "val": 4, "test": 5}

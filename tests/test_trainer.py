@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from histokd_jax import steps, trainer
+from histokd_jax import experiment, steps, trainer
 from tests.tiny import TINY_FLAGS, TINY_SLIDE_FLAGS, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -237,7 +237,7 @@ def test_distils_from_a_configured_teacher_checkpoint(tmp_path, data_root):
     # Listing the given teacher among the stages evaluates it; the end-of-run table has its row.
     config.stages = ("teacher", "distill")
     config.train.final_report, config.train.bootstrap, config.sweep.measure_batch_size = True, 20, 16
-    rows = trainer.train_and_evaluate(config, tmp_path / "s3")
+    rows = experiment.train_and_report(config, tmp_path / "s3")
     assert [r["role"] for r in rows] == ["teacher", "student_kd"]
     assert not (tmp_path / "s3" / "teacher" / "result.json").exists()  # evaluated here, not trained here
     table = (tmp_path / "s3" / "sweep.md").read_text()

@@ -23,7 +23,7 @@ from skimage import filters
 
 from histokd_jax.data.tile_images import composite_on_white
 from histokd_jax.data.views import area_downsample
-from histokd_jax.units import magnification_to_mpp, resolution_to_mpp
+from histokd_jax.units import magnification_to_mpp
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,6 @@ def slide_mpp(slide, *, override: float | None = None) -> Resolution:
         return Resolution(mpp, "objective-power (heuristic)")
     raise ValueError(f"{name}: cannot find the slide's resolution (no openslide.mpp-x/y, TIFF resolution "
                      "or objective power); give an mpp override (µm per level-0 pixel)")
-
-
-def parse_target(value: str | float) -> float:
-    """A target resolution in µm/px: ``"10x"`` -> 1.0 (heuristic); ``0.5`` or ``"0.5"`` -> 0.5 µm/px."""
-    return resolution_to_mpp(value)
 
 
 def choose_level(

@@ -8,12 +8,13 @@ import pathlib
 from typing import Any
 
 import ml_collections
+import numpy as np
 
-from histokd_jax.data import sources
+from histokd_jax.data import sources, tfds_sources
 from histokd_jax.data.manifest import SPLITS, read_manifest
 from histokd_jax.data.views import ViewSpec
 from histokd_jax.messages import listed
-from histokd_jax.units import downsample_between
+from histokd_jax.units import downsample_between, resolution_to_mpp
 
 
 @dataclasses.dataclass
@@ -108,9 +109,7 @@ def load_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path, confi
     if data.kind in ("slides", "synthetic_slides") or (data.kind == "folder" and data.manifest):
         return check_not_empty(load_slide_splits(data, workdir=workdir, config_name=config_name))  # manifest: slides
     if data.kind == "tfds":  # a TFDS dataset prepared as array_record (read without TensorFlow)
-        from histokd_jax.data import tfds_sources
-
-        return check_not_empty(tfds_sources.load_tfds_splits(data, config_name=config_name))
+        return check_not_empty(load_tfds_splits(data, config_name=config_name))
     return check_not_empty(load_tile_splits(data, workdir=workdir, config_name=config_name))
 
 
@@ -173,7 +172,7 @@ def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     Bad slides are skipped (see slide_index); training refuses to start only when a
     split it needs has no usable slide left.
     """
-    from histokd_jax.data import slide_index, slides
+    from histokd_jax.data import slide_index
 
     if not data.class_names:
         raise ValueError("slide data needs data.class_names (the label order)")
@@ -182,7 +181,7 @@ def load_slide_splits(data: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     names = tuple(data.class_names)
     path = manifest_path(data, workdir=workdir, config_name=config_name)
     entries = read_manifest(path, class_names=names)
-    teacher_mpp = slides.parse_target(data.teacher_magnification)
+    teacher_mpp = resolution_to_mpp(data.teacher_magnification)
     settings = slide_index.IndexSettings(teacher_mpp=teacher_mpp, tile_px=data.teacher_px,
                                          min_tissue=data.min_tissue, overlap=data.tile_overlap)
     cache_dir = pathlib.Path(data.slide_index_dir) if data.slide_index_dir else workdir / "slide_index"
@@ -239,8 +238,6 @@ def _synthetic_slide_truth(root: pathlib.Path, pool, class_names: tuple[str, ...
     """True class at the centre of each pool tile of a synthetic slide set (mixed slides included)."""
     import json
 
-    import numpy as np
-
     from histokd_jax.data import synthetic_slides
 
     meta = json.loads((root / "synthetic_slides.json").read_text())
@@ -257,3 +254,32 @@ def _synthetic_slide_truth(root: pathlib.Path, pool, class_names: tuple[str, ...
             label=names.index(info["label"]) if info["label"] else None, seed=info["seed"],
             tile_grid=tuple(params["tile_grid"]), tile_px=params["tile_px"], x=centre[:, 0], y=centre[:, 1])]
     return truth
+
+
+def load_tfds_splits(data, *, config_name: str = "this config"):
+    """DataSplits of a ``data.kind == "tfds"`` config; ``data.unlabeled_split`` (read without its labels) is
+    the unlabelled pool that distillation reads beside train, cut to ``data.unlabeled_fraction``."""
+    if not data.tfds_name:
+        raise ValueError(f"{config_name} needs data.tfds_name (a TFDS dataset prepared as array_record)")
+    unlabeled_split = data.get("unlabeled_split") or ""
+    if unlabeled_split and not data.use_unlabeled:
+        raise ValueError(f"data.unlabeled_split={unlabeled_split!r} is set but data.use_unlabeled is False, so "
+                         "no unlabelled pool would be read: set --config.data.use_unlabeled=True to distil on it "
+                         "(or --config.data.unlabeled_split=\"\" for none)")
+    data_dir = data.tfds_data_dir or None
+    builder = tfds_sources.prepared_builder(data.tfds_name, data_dir=data_dir)
+    names = tfds_sources.check_class_names(data.class_names, builder.info.features["label"].names, dataset=data.tfds_name)
+    train, val, test = (tfds_sources.tfds_split(data.tfds_name, split=s, data_dir=data_dir)
+                        for s in (data.train_split, data.val_split, data.test_split))
+    pool = train
+    if unlabeled_split:
+        unlabeled = tfds_sources.tfds_split(data.tfds_name, split=unlabeled_split, data_dir=data_dir)
+        tfds_sources.check_unlabeled_disjoint(unlabeled_split, {k: data[k] for k in ("train_split", "val_split", "test_split")},
+                                 split_infos=builder.info.splits)
+        hidden = sources.RelabelledSource(unlabeled, np.full(len(unlabeled), sources.UNLABELED, np.int32))
+        pool = sources.ConcatSource([train, hidden])
+    pool, _ = distillation_pools(data, pool, n_labelled=len(train), truth=None)
+    return DataSplits(class_names=names, train=train, pool=pool, val=val, test=test,
+                      root=pathlib.Path(builder.data_dir),
+                      counts={"train": len(train), "unlabeled": len(pool) - len(train), "val": len(val),
+                              "test": len(test)})

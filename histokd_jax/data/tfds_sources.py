@@ -230,34 +230,3 @@ def check_class_names(wanted: Sequence[str], official: Sequence[str], *, dataset
         raise ValueError(f"data.class_names {list(wanted)} do not match the labels of {dataset}, {list(official)} "
                          f"(label i is the i-th name); set --config.data.class_names=\"{tuple(official)}\"")
     return wanted
-
-
-def load_tfds_splits(data, *, config_name: str = "this config"):
-    """DataSplits of a ``data.kind == "tfds"`` config; ``data.unlabeled_split`` (read without its labels) is
-    the unlabelled pool that distillation reads beside train, cut to ``data.unlabeled_fraction``."""
-    from histokd_jax.data.splits import DataSplits, distillation_pools
-
-    if not data.tfds_name:
-        raise ValueError(f"{config_name} needs data.tfds_name (a TFDS dataset prepared as array_record)")
-    unlabeled_split = data.get("unlabeled_split") or ""
-    if unlabeled_split and not data.use_unlabeled:
-        raise ValueError(f"data.unlabeled_split={unlabeled_split!r} is set but data.use_unlabeled is False, so "
-                         "no unlabelled pool would be read: set --config.data.use_unlabeled=True to distil on it "
-                         "(or --config.data.unlabeled_split=\"\" for none)")
-    data_dir = data.tfds_data_dir or None
-    builder = prepared_builder(data.tfds_name, data_dir=data_dir)
-    names = check_class_names(data.class_names, builder.info.features["label"].names, dataset=data.tfds_name)
-    train, val, test = (tfds_split(data.tfds_name, split=s, data_dir=data_dir)
-                        for s in (data.train_split, data.val_split, data.test_split))
-    pool = train
-    if unlabeled_split:
-        unlabeled = tfds_split(data.tfds_name, split=unlabeled_split, data_dir=data_dir)
-        check_unlabeled_disjoint(unlabeled_split, {k: data[k] for k in ("train_split", "val_split", "test_split")},
-                                 split_infos=builder.info.splits)
-        hidden = sources.RelabelledSource(unlabeled, np.full(len(unlabeled), sources.UNLABELED, np.int32))
-        pool = sources.ConcatSource([train, hidden])
-    pool, _ = distillation_pools(data, pool, n_labelled=len(train), truth=None)
-    return DataSplits(class_names=names, train=train, pool=pool, val=val, test=test,
-                      root=pathlib.Path(builder.data_dir),
-                      counts={"train": len(train), "unlabeled": len(pool) - len(train), "val": len(val),
-                              "test": len(test)})
