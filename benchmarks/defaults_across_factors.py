@@ -20,7 +20,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import benchmark  # noqa: E402
+from histokd_jax.configs import benchmark  # noqa: E402
 from histokd_jax import ablations, trainer  # noqa: E402
 from histokd_jax.reproduce import seed_config  # noqa: E402
 

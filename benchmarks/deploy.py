@@ -41,7 +41,7 @@ TARGET_COST, TARGET_POINTS = 0.25, 0.01
 
 
 def student_config(base: pathlib.Path, *, factor: int, scanlike: float):
-    from configs import benchmark
+    from histokd_jax.configs import benchmark
 
     config = benchmark.get_config()
     config.stages = ("teacher", "distill")
@@ -55,7 +55,7 @@ def student_config(base: pathlib.Path, *, factor: int, scanlike: float):
 
 def train_runs(workdir: pathlib.Path, *, factors: list[int], scanlike: float) -> dict[tuple[int, float], pathlib.Path]:
     """The finished run of each (factor, scanlike share), trained here where missing."""
-    from configs import benchmark
+    from histokd_jax.configs import benchmark
     from histokd_jax import messages, trainer
 
     base = workdir / "base"

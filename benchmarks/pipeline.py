@@ -24,7 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from configs import demo, demo_tiles  # noqa: E402
+from histokd_jax.configs import demo, demo_tiles  # noqa: E402
 from histokd_jax import model_config, parallel, steps  # noqa: E402
 from histokd_jax.data import synthetic  # noqa: E402
 from histokd_jax.data.pipeline import make_train_loader  # noqa: E402

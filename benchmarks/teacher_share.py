@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import common  # noqa: E402
+from histokd_jax.configs import common  # noqa: E402
 from histokd_jax import models, optim, state, steps  # noqa: E402
 from histokd_jax.data.views import area_downsample  # noqa: E402
 

@@ -39,7 +39,7 @@ def run_one(slide: pathlib.Path, factor: int, repeats: int, batch_size: int) -> 
     import jax
     import numpy as np
 
-    from configs import common
+    from histokd_jax.configs import common
     from histokd_jax import evaluation, inference, model_config, parallel
     from histokd_jax.state import init_params
 

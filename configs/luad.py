@@ -1,24 +1,6 @@
-"""Lung adenocarcinoma (LUAD) growth patterns; teacher at 10x, student at 1.25x (64x fewer FLOPs).
+"""`--config=configs/luad.py`: the config defined in `histokd_jax/configs/luad.py`, which ships with the
+package (`from histokd_jax.configs import luad` works after a plain `pip install`, outside this checkout)."""
 
-The LUAD data are private; point the config at your tiles (root/<split>/<class>/*.png at 10x) or
-at a slide manifest (CSV slide,label,split[,mpp]) with --config.data.manifest=/path/to/manifest.csv:
+from histokd_jax.configs.luad import get_config
 
-    python launch/train.py --config=configs/luad.py --workdir=/tmp/luad --config.data.root=/path/to/luad_tiles
-"""
-
-from __future__ import annotations
-
-import ml_collections
-
-from configs import common
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = common.get_config(arg)
-    c.data.kind = "folder"
-    c.data.class_names = ("Acinar", "Lepidic", "Micropapillary", "Papillary", "Solid")
-    c.data.teacher_magnification = "10x"
-    c.data.student_magnification = "1.25x"
-    c.data.teacher_px = 224  # a 28 px student at 1.25x
-    c.lock()
-    return c
+__all__ = ["get_config"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import logging
 import math
 import pathlib
 import sys
@@ -36,7 +35,7 @@ def check_config(config: ml_collections.ConfigDict, *, device_count: int, workdi
     ``device_count`` is the GLOBAL number of devices (``jax.device_count()`` after
     ``jax.distributed.initialize()``); ``workdir`` is where a teacher trained by an earlier
     run of the same command would be; ``reference`` is the config whose keys are the known
-    ones (default: ``configs/common.get_config()``).
+    ones (default: ``histokd_jax.configs.common.get_config()``).
     """
     check_known_keys(config, reference=reference)
     check_stages(config.stages)
@@ -84,11 +83,9 @@ def describe_unknown_key(name: str, known: Sequence[str]) -> str:
     return f"{name} (the keys of {parent or 'the config'} are {', '.join(siblings)})"
 
 
-def _reference_config() -> ml_collections.ConfigDict | None:
-    try:  # the repository's configs/ (on sys.path for launch/*.py and the tests; not part of the package)
-        from configs import common
-    except ImportError:
-        return None
+def _reference_config() -> ml_collections.ConfigDict:
+    from histokd_jax.configs import common  # the defaults; imported here because they import nothing of ours
+
     return common.get_config()
 
 
@@ -98,16 +95,13 @@ def check_known_keys(config: ml_collections.ConfigDict, *, reference: ml_collect
     (The command line is checked by ml_collections itself; see ``parse_flags``.)
     """
     reference = reference if reference is not None else _reference_config()
-    if reference is None:
-        logging.getLogger(__name__).warning("configs/common.py is not importable: config keys are not checked")
-        return
     known = set(flat_keys(reference))
     unknown = [k for k in flat_keys(config) if k not in known]
     unknown = [k for k in unknown if k.rpartition(".")[0] not in unknown]  # an unknown section once, not its keys
     if unknown:
         raise ValueError(f"unknown config key(s) {'; '.join(describe_unknown_key(k, sorted(known)) for k in unknown)}: "
-                         "nothing reads them. Rename or remove them (configs/common.py lists every key with its "
-                         "default), or add a new key to configs/common.py")
+                         "nothing reads them. Rename or remove them (histokd_jax/configs/common.py lists every "
+                         "key with its default), or add a new key there")
 
 
 def unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str], *, flag_name: str = "config") -> str | None:
@@ -119,8 +113,8 @@ def unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str], *, 
             continue
         name = arg.removeprefix(prefix).split("=", 1)[0]
         if name not in known:
-            return (f"{arg}: unknown config key {describe_unknown_key(name, known)}; configs/common.py lists every "
-                    "key with its default")
+            return (f"{arg}: unknown config key {describe_unknown_key(name, known)}; "
+                    "histokd_jax/configs/common.py lists every key with its default")
     return None
 
 

@@ -185,7 +185,7 @@ code("""
 
     from absl import flags
 
-    from configs import demo
+    from histokd_jax.configs import demo
     from histokd_jax import parallel
 
     flags.FLAGS.mark_as_parsed()  # grain reads absl flags, parsed only under absl.app.run

@@ -13,7 +13,7 @@ import sys
 import jax
 import pytest
 
-from configs import demo
+from histokd_jax.configs import demo
 from histokd_jax import checkpoint, config_checks, models, parallel, state, trainer
 from tests.tiny import tiny_config
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 import re
 
@@ -22,6 +23,22 @@ def test_readme_api_example_runs_one_distillation_step(capsys):
     assert set(metrics) >= {"loss", "kl", "feature", "agreement"}
     assert all(math.isfinite(float(v)) for v in metrics.values())
     assert int(namespace["student_state"].step) == 1
+
+
+def test_readme_python_blocks_run_as_scripts_outside_the_checkout(tmp_path):
+    """Copied into a file anywhere (here a temporary folder, not the repository's), each block runs:
+    nothing it imports may live only in the checkout (``from configs import ...`` did)."""
+    import subprocess
+    import sys
+
+    for i, block in enumerate(python_blocks(README.read_text())):
+        script = tmp_path / f"readme_block_{i}.py"
+        script.write_text(block)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"README block {i} failed outside the checkout:\n{done.stderr[-2000:]}"
+    assert "'agreement'" in done.stdout  # the distillation example printed its metrics
 
 
 def test_readme_states_the_two_commands_and_ci_runs_them():
@@ -64,7 +81,7 @@ def fields_listed(rows: list[tuple[str, str]], leaves: set[str]) -> tuple[set[st
 
 
 def config_leaves() -> set[str]:
-    from configs import common
+    from histokd_jax.configs import common
 
     def walk(node, prefix=""):
         for key, value in node.items():

@@ -138,7 +138,7 @@ def test_launch_sweep_prints_an_unfinished_stage_as_one_error_line(tmp_path):
 
 def test_cells_read_the_sweeps_generated_data_and_slide_index(tmp_path):
     """A cell must not generate and index its own copy of the synthetic data (minutes per cell)."""
-    from configs import demo
+    from histokd_jax.configs import demo
     from histokd_jax import sweep as sweep_lib
 
     config = demo.get_config()

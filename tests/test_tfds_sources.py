@@ -81,7 +81,7 @@ def test_grain_reads_the_built_dataset(built):
 
 
 def _tfds_data(data_dir, **overrides) -> ml_collections.ConfigDict:
-    from configs import common
+    from histokd_jax.configs import common
 
     data = common.get_config().data
     data.update({**dict(kind="tfds", tfds_name="toy_tiles", tfds_data_dir=str(data_dir), class_names=(),
@@ -175,7 +175,7 @@ def test_a_disjoint_unlabeled_split_is_accepted(built):
 def test_crc_cuts_its_unlabeled_split_from_train_only_where_val_and_test_are_not():
     from types import SimpleNamespace
 
-    from configs import crc
+    from histokd_jax.configs import crc
 
     data = crc.get_config().data
     labelled = {k: data[k] for k in ("train_split", "val_split", "test_split")}

@@ -176,7 +176,7 @@ def test_mismatched_state_dicts_name_the_keys(torch_net):
 
 
 def _torch_config():
-    from configs import common
+    from histokd_jax.configs import common
 
     config = common.get_config()
     config.model.padding, config.model.norm_epsilon = "symmetric", 1e-5

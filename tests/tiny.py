@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import demo, demo_tiles
+from histokd_jax.configs import demo, demo_tiles
 
 # The same settings as command-line overrides of configs/demo_tiles.py (or configs/demo.py), for
 # launch/train.py runs.
