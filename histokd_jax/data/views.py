@@ -29,8 +29,8 @@ def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
 
     This is what a scanner's lower magnification approximates: every output pixel
     integrates the light of ``factor x factor`` input pixels. Written here rather than
-    ``skimage.measure.block_reduce`` (the same means), which measured 7-85x slower on the loader's
-    batches and the whole-slide thumbnails (``benchmarks/library_vs_handwritten.py``).
+    ``skimage.measure.block_reduce`` (the same means), which measured 7-20x slower on the loader's
+    batches, single tiles and whole-slide thumbnails (``benchmarks/library_vs_handwritten.py``).
     """
     if factor == 1:
         return image
