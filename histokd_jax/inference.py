@@ -68,13 +68,32 @@ class Predictor:
         return self.input_px * self.input_mpp
 
 
-def load_predictor(checkpoint_dir: str | pathlib.Path, *, model: str = "student", batch_size: int = 256,
-                   teacher_mpp: float | None = None, mesh=None) -> Predictor:
-    """A finished model of a training workdir (``checkpoint_dir`` is the workdir or any stage folder in it).
+@dataclasses.dataclass(frozen=True)
+class RunModel:
+    """A finished model of a training workdir: the network, its best parameters and what it reads."""
 
-    ``model``: "student" (distilled), "teacher" or "baseline". ``teacher_mpp``
-    sets the teacher's µm/px when the run's config does not (tile-folder data).
-    """
+    role: str
+    workdir: pathlib.Path
+    stage_dir: pathlib.Path
+    net: Any  # models.ResNetGN
+    params: Any
+    class_names: tuple[str, ...]
+    input_px: int
+    input_mpp: float | None  # None: a tile-folder run given no teacher µm/px
+
+    def known_mpp(self) -> float:
+        """``input_mpp``, or a ValueError with the fix when the run's resolution is unknown."""
+        if self.input_mpp is None:
+            raise ValueError(f"the run in {self.workdir} was trained on tiles of unknown µm/px; give the teacher's "
+                             "resolution (e.g. --teacher_mpp=1.0)")
+        return self.input_mpp
+
+
+def load_run_model(checkpoint_dir: str | pathlib.Path, *, model: str = "student", teacher_mpp: float | None = None,
+                   mesh=None) -> RunModel:
+    """The finished ``model`` ("student", "teacher" or "baseline") of a training workdir (``checkpoint_dir`` is
+    the workdir or any stage folder in it). ``teacher_mpp`` sets the teacher's µm/px when the run's config does
+    not (tile-folder data)."""
     if model not in ROLES:
         raise ValueError(f"model must be one of {sorted(ROLES)}, got {model!r}")
     path = pathlib.Path(checkpoint_dir).expanduser().absolute()
@@ -88,22 +107,30 @@ def load_predictor(checkpoint_dir: str | pathlib.Path, *, model: str = "student"
     config, run = report.load_run(workdir)
     if config.data.teacher_magnification:
         teacher_mpp = resolution_to_mpp(config.data.teacher_magnification)
-    elif teacher_mpp is None:
-        raise ValueError(f"the run in {workdir} was trained on tiles of unknown µm/px; give the teacher's "
-                         "resolution (e.g. --teacher_mpp=1.0)")
     factor = 1 if model == "teacher" else resolve_downsample(config.data)
     input_px = int(run["teacher_px"]) // factor
     net = make_model(config, num_classes=len(run["class_names"]))
     mesh = mesh if mesh is not None else parallel.make_mesh()
     params, _ = checkpoint.load_best_params(stage_dir, params_like=abstract_params(net, input_px=input_px), mesh=mesh)
+    return RunModel(role=ROLES[model], workdir=workdir, stage_dir=stage_dir, net=net, params=params,
+                    class_names=tuple(run["class_names"]), input_px=input_px,
+                    input_mpp=None if teacher_mpp is None else teacher_mpp * factor)
+
+
+def load_predictor(checkpoint_dir: str | pathlib.Path, *, model: str = "student", batch_size: int = 256,
+                   teacher_mpp: float | None = None, mesh=None) -> Predictor:
+    """``load_run_model`` made ready to run over slides: it needs the run's µm/px."""
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    found = load_run_model(checkpoint_dir, model=model, teacher_mpp=teacher_mpp, mesh=mesh)
+    input_mpp = found.known_mpp()
     batch_size = int(math.ceil(batch_size / mesh.size) * mesh.size)
-    eval_fn = evaluation.make_eval_fn(model=net, image_key="image", mesh=mesh)
+    eval_fn = evaluation.make_eval_fn(model=found.net, image_key="image", mesh=mesh)
 
     def apply(images: np.ndarray) -> np.ndarray:
-        return np.asarray(eval_fn(params, parallel.put_batch({"image": images}, mesh=mesh)))
+        return np.asarray(eval_fn(found.params, parallel.put_batch({"image": images}, mesh=mesh)))
 
-    return Predictor(role=ROLES[model], class_names=tuple(run["class_names"]), input_mpp=teacher_mpp * factor,
-                     input_px=input_px, apply=apply, batch_size=batch_size, source=str(stage_dir))
+    return Predictor(role=found.role, class_names=found.class_names, input_mpp=input_mpp, input_px=found.input_px,
+                     apply=apply, batch_size=batch_size, source=str(found.stage_dir))
 
 
 def tile_strips(coords: np.ndarray, *, side: float, strip_tiles: int) -> list[np.ndarray]:

@@ -268,15 +268,9 @@ def import_teacher(checkpoint: str | pathlib.Path, *, config: Any, out: str | pa
 def export_run_model(workdir: str | pathlib.Path, *, model: str, out: str | pathlib.Path) -> tuple[pathlib.Path, list]:
     """``launch/export_torch.py``: save a finished model of a training workdir ("student", "teacher" or
     "baseline") to ``out``; returns (the file, the settings in which the run differs from ``TORCH_MODEL``)."""
-    from histokd_jax import checkpoint, parallel, report
-    from histokd_jax.inference import ROLES
-    from histokd_jax.state import abstract_params
-    from histokd_jax.model_config import make_model
+    from histokd_jax.inference import load_run_model
 
-    workdir = pathlib.Path(workdir)
-    config, run = report.load_run(workdir)
-    net = make_model(config, num_classes=len(run["class_names"]))
-    like = abstract_params(net, input_px=int(run["teacher_px"]))  # parameter shapes do not depend on the size
-    params, _ = checkpoint.load_best_params(workdir / ROLES[model], params_like=like, mesh=parallel.make_mesh())
+    found = load_run_model(workdir, model=model)
+    net = found.net
     differ = [f"model.{k}={getattr(net, k)!r} (PyTorch: {v!r})" for k, v in TORCH_MODEL.items() if getattr(net, k) != v]
-    return export_torch(params, out), differ
+    return export_torch(found.params, out), differ

@@ -1,41 +1,16 @@
-"""Ablations of the distilled student on the multi-scale benchmark, from the teachers of a reproduction
-(trained here first when the workdir has none).
+"""`histokd ablate` from a checkout without installing:
+ablations of the distilled student on the benchmark.
 
-    python launch/reproduce.py --workdir=/tmp/histokd-reproduce
-    python launch/ablate.py --workdir=/tmp/histokd-reproduce
-
-At 2.5x (``--factor=4``), per seed, each against the configs' default: KL alone, KL + feature loss (max-pool /
-bicubic / both), + cross-entropy on the labelled tiles, temperature 2 and 4, ``views_per_crop`` 1 and 4, the
-target cache, the bf16 teacher (``histokd_jax.ablations.VARIANTS``).
-Writes ``ablations/ablations.md`` (accuracy per seed, mean, change against the default objective, wall
-time). Rerunning resumes.
+    python launch/ablate.py --help
+See histokd_jax/cli/ablate.py for the flags and examples.
 """
-
-from __future__ import annotations
 
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so configs/ imports from any cwd
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the checkout's histokd_jax and configs/
 
-from absl import app, flags  # noqa: E402
-
-from histokd_jax import config_checks, seeded_runs  # noqa: E402
-
-_FLAGS = seeded_runs.define_flags(
-    default_config=ROOT / "configs" / "benchmark.py",
-    workdir_help="Directory of the reproduction (its teachers are reused; missing ones are trained).",
-    seeds_help="Seeds whose teachers the variants distil from.")
-_FACTOR = flags.DEFINE_integer("factor", 4, "Downsample factor of the ablated student (4: 10x -> 2.5x).")
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    from histokd_jax import ablations
-
-    seeded_runs.run(ablations.run_ablations, _FLAGS, factor=_FACTOR.value)
-
+from histokd_jax import cli  # noqa: E402
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_checks.parse_flags)
+    cli.run_command("ablate", sys.argv[1:], prog=sys.argv[0])

@@ -1,39 +1,16 @@
-"""Evaluation report of every model trained in a workdir (from their saved test predictions).
+"""`histokd evaluate` from a checkout without installing:
+the report of a finished workdir, recomputed from its checkpoints.
 
-    python launch/evaluate.py --workdir=/tmp/histokd-demo
-
-Writes ``report.json``, ``report.md`` and ``plots/`` (ROC curves and a confusion
-matrix per model, accuracy vs GFLOPs for all of them) into the workdir.
+    python launch/evaluate.py --help
+See histokd_jax/cli/evaluate.py for the flags and examples.
 """
 
-from __future__ import annotations
-
+import pathlib
 import sys
-from pathlib import Path
 
-from absl import app, flags
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the checkout's histokd_jax and configs/
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from histokd_jax import report  # noqa: E402
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training (or sweep) workdir.", required=True)
-_BOOT = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95% intervals.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap resampling.")
-_SLIDES = flags.DEFINE_enum("slide_aggregation", "mean", ["mean", "vote"],
-                            "Tile-to-slide aggregation: mean probability or majority vote.")
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    try:
-        report.write_report(_WORKDIR.value, n_boot=_BOOT.value, seed=_SEED.value, slide_method=_SLIDES.value)
-    except FileNotFoundError as err:
-        sys.exit(f"error: {err}")
-    workdir = Path(_WORKDIR.value)
-    print((workdir / "report.md").read_text().split("\n## ")[0])
-    print(f"report: {workdir / 'report.md'}, {workdir / 'report.json'}; figures in {workdir / 'plots'}")
-
+from histokd_jax import cli  # noqa: E402
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_command("evaluate", sys.argv[1:], prog=sys.argv[0])

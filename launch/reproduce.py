@@ -1,39 +1,16 @@
-"""The paper's experiments on the multi-scale benchmark, in one command (50 minutes measured on
-2 CPU cores; README).
+"""`histokd reproduce` from a checkout without installing:
+the paper's experiments on the multi-scale benchmark.
 
-    python launch/reproduce.py --workdir=/tmp/histokd-reproduce
-
-Per seed (``--seeds``, default 0 and 1): one teacher at 10x, then at 5x, 2.5x and 1.25x the distilled
-student, the label-only baseline and the true-label control, and at 2.5x the distilled student with
-0 / 25 / 50 / 100% of the unlabelled pool. Writes ``reproduce.md`` (both seeds, and each of the
-paper's claims with its measured margin) and ``plots/``. Rerunning resumes. ``--config`` (default
-configs/benchmark.py) and ``--config.key=value`` change the experiment, as for launch/train.py.
+    python launch/reproduce.py --help
+See histokd_jax/cli/reproduce.py for the flags and examples.
 """
-
-from __future__ import annotations
 
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so configs/ imports from any cwd
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the checkout's histokd_jax and configs/
 
-from absl import app  # noqa: E402
-
-from histokd_jax import config_checks, seeded_runs  # noqa: E402
-
-_FLAGS = seeded_runs.define_flags(
-    default_config=ROOT / "configs" / "benchmark.py",
-    workdir_help="Directory of the reproduction (one sweep per seed).",
-    seeds_help="Seeds: each draws new slides and a new initialisation.")
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    from histokd_jax import reproduce
-
-    seeded_runs.run(reproduce.run_reproduction, _FLAGS)
-
+from histokd_jax import cli  # noqa: E402
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_checks.parse_flags)
+    cli.run_command("reproduce", sys.argv[1:], prog=sys.argv[0])

@@ -1,46 +1,16 @@
-"""The resolution sweep: one teacher, then students and baselines at every factor of config.sweep.
+"""`histokd sweep` from a checkout without installing:
+students over magnifications and pool sizes, with confidence intervals.
 
-    python launch/sweep.py --config=configs/demo.py --workdir=/tmp/histokd-sweep
-    python launch/sweep.py --config=configs/cd.py --workdir=/tmp/cd-sweep --config.data.manifest=... \\
-        --config.sweep.unlabeled_fractions="(0.0, 0.25, 1.0)"
-
-Writes ``sweep.md`` / ``sweep.json`` (magnification, µm/px, accuracy with its 95% CI,
-macro-F1, AUC, GFLOPs, FLOP ratio to the teacher, measured images/s) and
-``plots/accuracy_vs_gflops.png``. Rerunning resumes: finished cells are not recomputed.
+    python launch/sweep.py --help
+See histokd_jax/cli/sweep.py for the flags and examples.
 """
-
-from __future__ import annotations
 
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # so configs/ imports from any cwd
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the checkout's histokd_jax and configs/
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from histokd_jax import config_checks, runtime  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep (one sub-folder per cell).")
-_BOOT = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the accuracy intervals.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    runtime.prepare_runtime()
-    from histokd_jax import sweep
-
-    try:
-        rows = sweep.run_sweep(_CONFIG.value, _WORKDIR.value, should_stop=runtime.StopOnSignal(),
-                               config_name=flags.FLAGS["config"].config_filename, n_boot=_BOOT.value)
-    except sweep.UnfinishedStage as err:  # one line that says what to do, not a traceback
-        sys.exit(f"error: {err}")
-    if rows is None:
-        sys.exit("stopped before the end; run the same command again to resume")
-    print((pathlib.Path(_WORKDIR.value) / "sweep.md").read_text())
-
+from histokd_jax import cli  # noqa: E402
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_checks.parse_flags)  # an unknown --config.key: one line, not a traceback
+    cli.run_command("sweep", sys.argv[1:], prog=sys.argv[0])

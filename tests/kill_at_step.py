@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 from absl import app, flags  # noqa: E402
 
 from histokd_jax import checkpoint, config_checks, runtime  # noqa: E402
-from launch import train  # noqa: E402
+from histokd_jax.cli import train  # noqa: E402
 
 ROLE, STEP = os.environ["HISTOKD_KILL_AT"].rsplit(":", 1)
 

@@ -1,0 +1,16 @@
+"""`histokd export` from a checkout without installing:
+TorchScript + config.json for WSInfer, and ONNX (--onnx).
+
+    python launch/export_wsinfer.py --help
+See histokd_jax/cli/export.py for the flags and examples.
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the checkout's histokd_jax and configs/
+
+from histokd_jax import cli  # noqa: E402
+
+if __name__ == "__main__":
+    cli.run_command("export", sys.argv[1:], prog=sys.argv[0])
