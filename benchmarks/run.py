@@ -21,6 +21,7 @@ SCRIPTS = (
     ("slide tile source", ["slide_source.py"]),
     ("whole-slide inference", ["wholeslide.py"]),
     ("deployment: pyramid reads, scanner-like views, the cascade", ["deploy.py"]),
+    ("WSInfer against predict.py on the CMU fixture", ["wsinfer_agreement.py", "--workdir=/tmp/histokd-wsinfer"]),
 )
 
 
