@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+import orbax.checkpoint as ocp
+from absl import app, flags
 
+from histokd_jax import checkpoint
+from histokd_jax.configs import common
+from histokd_jax.data.splits import resolve_downsample
+from histokd_jax.data.views import ALLOWED_DOWNSAMPLES
+from histokd_jax.models import COMPUTE_DTYPES, PADDINGS, check_groupnorm
+from histokd_jax.symmetry import DIHEDRAL
 from histokd_jax.units import MPP_AT_1X, resolution_to_mpp
 
 STAGE_NAMES = ("teacher", "distill", "baseline", "control")
@@ -49,15 +57,26 @@ def check_config(config: ml_collections.ConfigDict, *, device_count: int, workdi
 # --- keys -----------------------------------------------------------------------------------------
 
 
-def flat_keys(config: ml_collections.ConfigDict | dict, prefix: str = "") -> list[str]:
-    """Dotted names of every leaf and section: ``["data", "data.kind", ...]``."""
-    out = []
+def flat_items(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+    """Every section and leaf by dotted name, in order: ``{"data": <section>, "data.kind": "slides", ...}``."""
+    out = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        out.append(name)
+        out[name] = value
         if isinstance(value, (ml_collections.ConfigDict, dict)):
-            out.extend(flat_keys(value, name + "."))
+            out.update(flat_items(value, name + "."))
     return out
+
+
+def flat_keys(config: ml_collections.ConfigDict | dict) -> list[str]:
+    """Dotted names of every leaf and section: ``["data", "data.kind", ...]``."""
+    return list(flat_items(config))
+
+
+def flat_leaves(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+    """Dotted name -> value of every leaf (what two configs are compared by)."""
+    return {name: value for name, value in flat_items(config).items()
+            if not isinstance(value, (ml_collections.ConfigDict, dict))}
 
 
 def closest_keys(name: str, known: Sequence[str], *, n: int = 3) -> list[str]:
@@ -84,8 +103,6 @@ def describe_unknown_key(name: str, known: Sequence[str]) -> str:
 
 
 def _reference_config() -> ml_collections.ConfigDict:
-    from histokd_jax.configs import common  # the defaults; imported here because they import nothing of ours
-
     return common.get_config()
 
 
@@ -122,8 +139,6 @@ def parse_flags(argv: list[str], *, flag_name: str = "config") -> list[str]:
     """absl flag parsing for ``app.run(main, flags_parser=parse_flags)``: an override of a key the config does
     not have (``--config.data.nonexistent=1``) exits with one line naming it and the closest known keys,
     instead of ml_collections' traceback."""
-    from absl import app, flags
-
     try:
         return app.parse_flags_with_usage(argv)  # absl's own errors: printed with the usage hint, exit 1
     except (AttributeError, KeyError) as err:  # what ml_collections raises for an override of an unknown key
@@ -173,8 +188,6 @@ def check_training_settings(config: ml_collections.ConfigDict) -> None:
 
 def check_model_options(config: ml_collections.ConfigDict) -> None:
     """Choices read only when a model is built or a step traced: after the teacher's training, for distill."""
-    from histokd_jax.models import COMPUTE_DTYPES, PADDINGS
-    from histokd_jax.symmetry import DIHEDRAL
 
     dtypes = tuple(COMPUTE_DTYPES)
     checks = [("model.compute_dtype", config.model.get("compute_dtype", "float32"), dtypes),
@@ -194,7 +207,6 @@ def check_model_options(config: ml_collections.ConfigDict) -> None:
 
 def _mpp(data: ml_collections.ConfigDict, key: str) -> float:
     """µm/px of ``data.<key>``: ``"10x"`` -> 1.0 (mpp = 10 / power, a heuristic); ``"0.5"`` -> 0.5 µm/px."""
-    from histokd_jax.units import resolution_to_mpp
 
     try:
         return resolution_to_mpp(data[key])
@@ -217,8 +229,6 @@ def check_resolution(data: ml_collections.ConfigDict) -> int:
     inference reads the student's resolution from those levels. A student at a HIGHER
     resolution than its teacher is the configuration turned around: nothing to distil.
     """
-    from histokd_jax.data.splits import resolve_downsample
-    from histokd_jax.data.views import ALLOWED_DOWNSAMPLES
 
     allowed = ", ".join(map(str, ALLOWED_DOWNSAMPLES))
     if data.teacher_magnification and data.student_magnification:
@@ -252,7 +262,6 @@ def check_resolution(data: ml_collections.ConfigDict) -> int:
 
 def check_groupnorm_sizes(config: ml_collections.ConfigDict, *, teacher_px: int, student_px: int) -> None:
     """GroupNorm over too few values erases the features (see ``models.check_groupnorm``)."""
-    from histokd_jax.models import check_groupnorm
 
     m = config.model
     check_groupnorm(input_px=teacher_px, widths=m.widths, num_groups=m.num_groups, role="teacher")
@@ -346,9 +355,6 @@ def check_teacher(config: ml_collections.ConfigDict, *, workdir: pathlib.Path | 
 
 def teacher_record(folder: pathlib.Path) -> tuple[dict, dict]:
     """(config the teacher's checkpoint was saved with, its run's run.json); either {} when absent."""
-    import orbax.checkpoint as ocp
-
-    from histokd_jax import checkpoint
 
     saved = {}
     directory = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder

@@ -392,3 +392,10 @@ def last_stage(features: dict[str, jnp.ndarray]) -> jnp.ndarray:
     """The deepest stage's feature map (the one the paper distils)."""
     deepest = max(int(k[len("stage"):]) for k in features if k.startswith("stage"))
     return features[f"stage{deepest}"]
+
+
+def teacher_outputs(teacher: nn.Module, params: Any, images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The teacher's (logits, deepest feature map) in float32 for raw uint8 ``images``: the distillation targets,
+    computed alike live in the step and once for a target cache."""
+    logits, features = apply_in_microbatches(teacher, {"params": params}, normalize_images(images))
+    return logits.astype(jnp.float32), last_stage(features).astype(jnp.float32)

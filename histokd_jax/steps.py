@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from histokd_jax import losses
-from histokd_jax.models import apply_in_microbatches, last_stage, normalize_images
+from histokd_jax.models import apply_in_microbatches, last_stage, normalize_images, teacher_outputs
 from histokd_jax.state import TrainState
 from histokd_jax.symmetry import DIHEDRAL, dihedral
 
@@ -116,9 +116,7 @@ def distill_step(
     if "teacher_map" in batch:
         t_logits, t_map = batch["teacher_logits"], batch["teacher_map"]
     else:
-        t_logits, t_features = apply_in_microbatches(teacher, {"params": teacher_params},
-                                                     normalize_images(batch["teacher_image"]))
-        t_map = last_stage(t_features)
+        t_logits, t_map = teacher_outputs(teacher, teacher_params, batch["teacher_image"])
     t_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
     t_map = jax.lax.stop_gradient(t_map.astype(jnp.float32))
     s_images, labels, has_label = batch["student_image"], batch["label"], batch["has_label"]

@@ -26,13 +26,12 @@ import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from histokd_jax import atomic, parallel
 from histokd_jax.data.pipeline import eval_batches
-from histokd_jax.models import apply_in_microbatches, last_stage, normalize_images
+from histokd_jax.models import teacher_outputs
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +42,7 @@ def compute_targets(
     """The teacher's (logits, last feature map) for every record's central un-augmented crop, in record order."""
 
     def forward(params, batch):
-        logits, features = apply_in_microbatches(teacher, {"params": params}, normalize_images(batch["teacher_image"]))
-        return logits.astype(jnp.float32), last_stage(features).astype(jnp.float32)
+        return teacher_outputs(teacher, params, batch["teacher_image"])
 
     fn = jax.jit(forward, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh))

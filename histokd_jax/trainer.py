@@ -28,7 +28,7 @@ from histokd_jax import atomic, checkpoint, parallel, report, steps, teacher_tar
 from histokd_jax.data.pipeline import make_train_loader
 from histokd_jax.data.splits import DataSplits, load_splits, resolve_downsample, view_spec
 from histokd_jax.evaluation import Evaluation, evaluate_split, make_eval_fn
-from histokd_jax.config_checks import check_config, check_teacher_matches, require_finished_teacher
+from histokd_jax.config_checks import check_config, check_teacher_matches, flat_leaves, require_finished_teacher
 from histokd_jax.metric_writer import MetricWriter
 from histokd_jax.messages import say
 from histokd_jax.metrics import classification_metrics
@@ -280,14 +280,6 @@ RESUME_FREE_FIELDS = ("data.root", "data.manifest", "data.tfds_data_dir", "data.
                       "train.progress", "stages")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        out.update(_flat(value, name + ".") if isinstance(value, dict) else {name: value})
-    return out
-
-
 def _check_resumable(manager, step: int, *, stage: Stage, config: ml_collections.ConfigDict, identity: dict) -> None:
     """Refuse to resume a stage whose checkpoint was made with other settings, data or teacher.
 
@@ -296,8 +288,8 @@ def _check_resumable(manager, step: int, *, stage: Stage, config: ml_collections
     teachers would give a model that neither run describes; name what changed
     instead, so the user reruns with the old values or starts a new workdir.
     """
-    saved = _flat(checkpoint.load_config(manager, step))
-    current = _flat(json.loads(config.to_json()))
+    saved = flat_leaves(checkpoint.load_config(manager, step))
+    current = flat_leaves(json.loads(config.to_json()))
     relevant = ("seed", "model.", "data.", f"{stage.section}.", "train.select_metric")
     # Fields that only one side has were added or removed by an upgrade of this package: not compared.
     differ = sorted(
