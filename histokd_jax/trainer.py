@@ -34,7 +34,7 @@ from histokd_jax.messages import say
 from histokd_jax.metrics import classification_metrics
 from histokd_jax.model_config import compute_dtype, gflops_per_image, make_model
 from histokd_jax.optim import make_optimizer
-from histokd_jax.state import abstract_params, create_train_state, init_params
+from histokd_jax.state import TrainState, abstract_params, create_train_state, init_params
 
 RESULT_KEYS = ("role", "input_px", "downsample", "split", "accuracy", "balanced_accuracy", "macro_f1", "gflops_per_image")
 
@@ -91,84 +91,123 @@ def run_stage(
     writer: MetricWriter,
     should_stop: Callable[[str, int], bool] | None = None,
 ) -> tuple[Any, dict] | None:
-    """Train one stage (or reuse it when finished); returns (best params, test row), None if stopped."""
-    stage_dir = workdir / stage.role
-    result_file = stage_dir / "result.json"
-    if parallel.from_process_0(result_file.exists()):  # decided once: every process takes the same branch
-        say(f"{stage.role}: finished earlier, reusing {stage_dir}")
-        like = abstract_params(stage.model, input_px=stage.input_px)
-        best, _ = checkpoint.load_best_params(stage_dir, params_like=like, mesh=mesh)
-        return best, json.loads(_shared_file(result_file).read_text())
-    started = time.perf_counter()
-    params = init_params(stage.model, rng=jax.random.key(stage.seed), input_px=stage.input_px)
+    """Train one stage (or reuse it when finished); returns (best params, test row), None if stopped.
 
-    cfg, train = stage.cfg, config.train
+    The steps, in order: reuse a finished stage; start (optimizer, state, checkpoints, the resume check);
+    the loader; restore; compile the step; the training loop (NaN check, validation, saves); the test row."""
+    stage_dir = workdir / stage.role
+    if parallel.from_process_0((stage_dir / "result.json").exists()):  # decided once: all take the same branch
+        return _reuse_finished(stage, stage_dir=stage_dir, mesh=mesh)
+    started = time.perf_counter()
+    run = _start(stage, config=config, mesh=mesh, stage_dir=stage_dir)
+    try:
+        run.iterator = iter(_train_loader(stage, config=config, mesh=mesh, stage_dir=stage_dir,
+                                          per_process_batch=run.per_process_batch))
+        if run.resume_step >= 0:
+            restored = _restore(run.manager, run.resume_step, stage=stage, state=run.state, iterator=run.iterator,
+                                mesh=mesh)
+            run.state, run.best_params, run.best = restored["state"], restored["best"], restored["meta"]
+            say(f"{stage.role}: resuming from step {int(run.state.step)} of {stage.cfg.steps}")
+        writer.forget_after(stage.role, int(run.state.step))  # what an interrupted run logged after it is redone
+        evaluate = _evaluator(stage, config=config, mesh=mesh)
+        finished = _train_loop(stage, run, step_fn=_compile_step(stage, tx=run.tx, mesh=mesh), config=config,
+                               mesh=mesh, evaluate=lambda params: evaluate(params, splits.val), writer=writer,
+                               should_stop=should_stop)
+    finally:
+        run.manager.wait_until_finished()
+        run.manager.close()
+    if not finished:
+        return None
+    row = _test_row(stage, best_params=run.best_params, best=run.best, config=config, splits=splits,
+                    evaluate=evaluate, stage_dir=stage_dir, save=writer.enabled)
+    row["stage_seconds"] = round(time.perf_counter() - started, 1)  # since the last resume, compilation included
+    if writer.enabled:
+        atomic.write_json(stage_dir / "result.json", row)  # last: it marks the stage finished
+    return run.best_params, row
+
+
+@dataclasses.dataclass
+class _Run:
+    """A stage being trained: what the loop updates and what its checkpoints hold."""
+
+    tx: Any
+    state: TrainState
+    manager: Any
+    identity: dict
+    resume_step: int  # -1: a fresh start
+    per_process_batch: int  # crops per loader batch on this process
+    best_params: Any
+    best: dict
+    iterator: Any = None
+
+
+def _reuse_finished(stage: Stage, *, stage_dir: pathlib.Path, mesh) -> tuple[Any, dict]:
+    say(f"{stage.role}: finished earlier, reusing {stage_dir}")
+    like = abstract_params(stage.model, input_px=stage.input_px)
+    best, _ = checkpoint.load_best_params(stage_dir, params_like=like, mesh=mesh)
+    return best, json.loads(_shared_file(stage_dir / "result.json").read_text())
+
+
+def _start(stage: Stage, *, config: ml_collections.ConfigDict, mesh, stage_dir: pathlib.Path) -> _Run:
+    """Fresh parameters and optimizer state, the checkpoint manager, and (before any data is prepared or
+    restored) the check that a checkpoint to resume was made with these settings, data and teacher."""
+    params = init_params(stage.model, rng=jax.random.key(stage.seed), input_px=stage.input_px)
     # config_checks.check_batch_sizes has made sure the crops of a batch split evenly over the devices
-    per_process_batch = parallel.check_batch_size(cfg.batch_size // stage.views_per_crop, mesh=mesh,
+    per_process_batch = parallel.check_batch_size(stage.cfg.batch_size // stage.views_per_crop, mesh=mesh,
                                                   what=f"{stage.role} crops per batch")
-    parallel.check_batch_size(train.eval_batch_size, mesh=mesh, what="train.eval_batch_size")
-    tx = make_optimizer(cfg.optim, total_steps=cfg.steps)
+    parallel.check_batch_size(config.train.eval_batch_size, mesh=mesh, what="train.eval_batch_size")
+    tx = make_optimizer(stage.cfg.optim, total_steps=stage.cfg.steps)
     state = parallel.put_replicated(create_train_state(params, tx=tx), mesh=mesh)
-    manager = checkpoint.make_manager(stage_dir / "checkpoints", keep=train.keep_checkpoints)
+    manager = checkpoint.make_manager(stage_dir / "checkpoints", keep=config.train.keep_checkpoints)
     identity = stage_identity(stage)
     resume_step = parallel.from_process_0(-1 if manager.latest_step() is None else manager.latest_step())
-    if resume_step >= 0:  # checked before any data is prepared (a target cache) or restored; a refusal stops all
+    if resume_step >= 0:  # a refusal stops every process
         parallel.on_every_process(lambda: _check_resumable(manager, resume_step, stage=stage, config=config,
                                                            identity=identity), what="checking the checkpoint")
-    iterator = iter(
-        make_train_loader(
-            stage.prepare_source(stage.train_source, mesh=mesh, stage_dir=stage_dir) if stage.prepare_source
-            else stage.train_source,
-            spec=_train_spec(config, stage=stage),
-            batch_size=per_process_batch,
-            seed=stage.seed,
-            workers=config.data.workers,
-        )
-    )
-    best_params, best = parallel.to_host(state.params), {"metric": -math.inf, "step": 0}
-    if resume_step >= 0:
-        restored = _restore(manager, resume_step, stage=stage, state=state, iterator=iterator, mesh=mesh)
-        state, best_params, best = restored["state"], restored["best"], restored["meta"]
-        say(f"{stage.role}: resuming from step {int(state.step)} of {cfg.steps}")
-    writer.forget_after(stage.role, int(state.step))  # what an interrupted run logged after that step is redone
+    return _Run(tx=tx, state=state, manager=manager, identity=identity, resume_step=resume_step,
+                per_process_batch=per_process_batch, best_params=parallel.to_host(state.params), best={"metric": -math.inf, "step": 0})
 
-    repl, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    extra = () if stage.teacher_params is None else (stage.teacher_params,)
-    step_fn = jax.jit(
-        stage.make_step(tx),
-        in_shardings=(repl, *(repl for _ in extra), split),
-        out_shardings=(repl, repl),
-        donate_argnums=(0,),
-    )
-    eval_fn = make_eval_fn(model=stage.model, image_key=stage.image_key, mesh=mesh)
-    run_eval = functools.partial(
-        evaluate_split,
-        model=stage.model,
-        image_key=stage.image_key,
-        spec=view_spec(config.data, train=False),
-        mesh=mesh,
-        batch_size=train.eval_batch_size,
-        eval_fn=eval_fn,
-    )
 
-    first = int(state.step)
-    bar = tqdm(
-        total=cfg.steps,
-        initial=first,
-        desc=stage.role,
-        unit="step",
-        mininterval=0.5,
-        disable=not (train.progress and writer.enabled),
-    )
+def _train_loader(stage: Stage, *, config: ml_collections.ConfigDict, mesh, stage_dir: pathlib.Path,
+                  per_process_batch: int):
+    source = (stage.prepare_source(stage.train_source, mesh=mesh, stage_dir=stage_dir) if stage.prepare_source
+              else stage.train_source)
+    return make_train_loader(source, spec=_train_spec(config, stage=stage), batch_size=per_process_batch,
+                             seed=stage.seed, workers=config.data.workers)
+
+
+def _compile_step(stage: Stage, *, tx, mesh) -> Callable:
+    """The stage's step under jit: state and teacher replicated, the batch sharded over the devices."""
+    replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    frozen = () if stage.teacher_params is None else (stage.teacher_params,)  # distillation: the teacher
+    step_fn = jax.jit(stage.make_step(tx), in_shardings=(replicated, *(replicated for _ in frozen), batch_sharded),
+                      out_shardings=(replicated, replicated), donate_argnums=(0,))
+    return lambda state, batch: step_fn(state, *frozen, batch)
+
+
+def _evaluator(stage: Stage, *, config: ml_collections.ConfigDict, mesh) -> Callable:
+    """(params, source) -> Evaluation: the stage's model over a split's un-augmented tiles."""
+    return functools.partial(evaluate_split, model=stage.model, image_key=stage.image_key,
+                             spec=view_spec(config.data, train=False), mesh=mesh,
+                             batch_size=config.train.eval_batch_size,
+                             eval_fn=make_eval_fn(model=stage.model, image_key=stage.image_key, mesh=mesh))
+
+
+def _train_loop(stage: Stage, run: _Run, *, step_fn: Callable, config: ml_collections.ConfigDict, mesh,
+                evaluate: Callable, writer: MetricWriter, should_stop: Callable[[str, int], bool] | None) -> bool:
+    """Steps from the state's step to the last: metrics fetched (and NaN-checked) at log, eval and save steps,
+    validation picks the best parameters, checkpoints at save steps and on a stop. False when stopped."""
+    cfg, train = stage.cfg, config.train
+    first = int(run.state.step)
+    bar = tqdm(total=cfg.steps, initial=first, desc=stage.role, unit="step", mininterval=0.5,
+               disable=not (train.progress and writer.enabled))
     pending: list[dict] = []
     try:
         for step in range(first + 1, cfg.steps + 1):
-            batch = parallel.put_batch(next(iterator), mesh=mesh)
-            state, metrics = step_fn(state, *extra, batch)
+            run.state, metrics = step_fn(run.state, parallel.put_batch(next(run.iterator), mesh=mesh))
             pending.append(metrics)
             bar.update()
-            last = step == cfg.steps
-            eval_now = step % cfg.eval_every_steps == 0 or last
+            eval_now = step % cfg.eval_every_steps == 0 or step == cfg.steps
             save_now = eval_now or step % train.checkpoint_every_steps == 0
             stop_now = bool(should_stop and should_stop(stage.role, step))
             if jax.process_count() > 1:  # processes agree at log and save steps only: no sync on every step
@@ -176,52 +215,49 @@ def run_stage(
                 stop_now = at_boundary and parallel.any_process(stop_now)
             if not (step % train.log_every_steps == 0 or save_now or stop_now):
                 continue
-            means = _flush(
-                pending, stage=stage, last_step=step, ckpt_dir=manager.directory, latest_saved=manager.latest_step()
-            )
+            means = _flush(pending, stage=stage, last_step=step, ckpt_dir=run.manager.directory,
+                           latest_saved=run.manager.latest_step())
             pending = []
             writer.write(f"{stage.role}/train", step, means)
             bar.set_postfix(loss=f"{means['loss']:.4f}")
             if eval_now:
-                scored = run_eval(state.params, splits.val)
-                val = classification_metrics(scored.labels, scored.probs)
-                writer.write(f"{stage.role}/val", step, val)
-                if val[train.select_metric] > best["metric"]:
-                    best = {"metric": val[train.select_metric], "step": step, **val}
-                    best_params = parallel.to_host(state.params)
+                _validate(stage, run, step=step, evaluate=evaluate, writer=writer, select=train.select_metric)
             if save_now or stop_now:
-                checkpoint.save(
-                    manager,
-                    step,
-                    state=state,
-                    best_params=best_params,
-                    data_iterator=iterator,
-                    meta=best,
-                    config_json=config.to_json(),
-                    identity=identity,
-                )
+                checkpoint.save(run.manager, step, state=run.state, best_params=run.best_params,
+                                data_iterator=run.iterator, meta=run.best, config_json=config.to_json(),
+                                identity=run.identity)
             if stop_now:
                 say(f"{stage.role}: stopped at step {step}; run the same command again to resume")
-                return None
+                return False
     finally:
         bar.close()
-        manager.wait_until_finished()
-        manager.close()
+    return True
 
-    test = run_eval(best_params, splits.test)
+
+def _validate(stage: Stage, run: _Run, *, step: int, evaluate: Callable, writer: MetricWriter, select: str) -> None:
+    scored = evaluate(run.state.params)
+    val = classification_metrics(scored.labels, scored.probs)
+    writer.write(f"{stage.role}/val", step, val)
+    if val[select] > run.best["metric"]:
+        run.best = {"metric": val[select], "step": step, **val}
+        run.best_params = parallel.to_host(run.state.params)
+
+
+def _test_row(stage: Stage, *, best_params, best: dict, config: ml_collections.ConfigDict, splits: DataSplits,
+              evaluate: Callable, stage_dir: pathlib.Path, save: bool) -> dict:
+    """The best parameters on the test split (and, for a student on slides, on the pyramid's own level);
+    with ``save``, their predictions written before result.json marks the stage finished."""
+    test = evaluate(best_params, splits.test)
     row = {**result_row(stage, labels=test.labels, probs=test.probs), **test.counts()}
-    pyramid = _pyramid_test(stage, config=config, splits=splits, evaluate=lambda src: run_eval(best_params, src))
+    pyramid = _pyramid_test(stage, config=config, splits=splits, evaluate=lambda src: evaluate(best_params, src))
     if pyramid is not None:
         row["pyramid_accuracy"] = classification_metrics(pyramid.labels, pyramid.probs)["accuracy"]
-    # wall time of this run of the stage (since the last resume), compilation and validation included
-    row.update(best_val_step=best["step"], best_val_metric=best["metric"],
-               stage_seconds=round(time.perf_counter() - started, 1))
-    if writer.enabled:  # predictions first: result.json marks the stage finished
+    row.update(best_val_step=best["step"], best_val_metric=best["metric"])
+    if save:
         save_test_predictions(stage_dir, scored=test, splits=splits)
         if pyramid is not None:
             save_test_predictions(stage_dir, scored=pyramid, splits=splits, filename=report.PYRAMID_PREDICTIONS)
-        atomic.write_json(result_file, row)  # a kill mid-write must not leave a "finished" stage
-    return best_params, row
+    return row
 
 
 def _shared_file(path: pathlib.Path) -> pathlib.Path:
