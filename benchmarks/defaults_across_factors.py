@@ -34,7 +34,7 @@ def accuracy(config, overrides: dict, *, factor: int, teacher_dir: pathlib.Path,
     cell = ablations.variant_config(config, overrides, factor=factor, teacher_dir=teacher_dir)
     if trainer.train_and_evaluate(cell, out) is None:
         raise SystemExit(f"stopped in {out}")
-    return float(json.loads((out / "student_kd" / "result.json").read_text())["accuracy"])
+    return float(json.loads((out / "distill" / "result.json").read_text())["accuracy"])
 
 
 def main() -> None:

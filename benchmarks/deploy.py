@@ -59,14 +59,14 @@ def train_runs(workdir: pathlib.Path, *, factors: list[int], scanlike: float) ->
     from histokd_jax import messages, trainer
 
     base = workdir / "base"
-    if not (base / "student_kd" / "result.json").exists():
+    if not (base / "distill" / "result.json").exists():
         messages.say(f"training {base} (configs/benchmark.py: teacher, 2.5x student, baseline)")
         trainer.train_and_evaluate(benchmark.get_config(), base)
     runs = {}
     for factor in factors:
         for share in (0.0, scanlike):
             run = base if (factor, share) == (4, 0.0) else workdir / f"f{factor}_scanlike{share:g}"
-            if not (run / "student_kd" / "result.json").exists():
+            if not (run / "distill" / "result.json").exists():
                 messages.say(f"training {run}")
                 trainer.train_and_evaluate(student_config(base, factor=factor, scanlike=share), run)
             runs[(factor, share)] = run

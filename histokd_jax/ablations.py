@@ -103,7 +103,7 @@ def write_table(root: pathlib.Path, *, seeds: Sequence[int], variants: Sequence[
     for name, _ in variants:
         cells[name] = {}
         for s in (int(s) for s in seeds):
-            stage, default = (root / f"seed{s}" / n / "student_kd" for n in (name, default_name))
+            stage, default = (root / f"seed{s}" / n / "distill" for n in (name, default_name))
             if _finished(stage) and _finished(default):
                 cells[name][s] = _cell(stage, default_dir=default, n_boot=n_boot)
     lines = ["| variant | " + " | ".join(f"accuracy seed {s} (95% CI) | change vs default, seed {s} (paired 95% CI)"

@@ -1,6 +1,6 @@
 """Orbax checkpoints of one training stage: state, best params, data iterator, metadata, config.
 
-Each stage (teacher, student_kd, student_baseline) has its own manager under
+Each stage (teacher, distill, baseline) has its own manager under
 ``workdir/<stage>/checkpoints``. A checkpoint holds everything needed to resume
 bit-for-bit: the train state, the grain iterator position, the best-so-far
 parameters selected on validation, and the config that produced them.

@@ -25,10 +25,10 @@ from histokd_jax.configs import common
 from histokd_jax.data.splits import resolve_downsample
 from histokd_jax.data.views import ALLOWED_DOWNSAMPLES
 from histokd_jax.models import COMPUTE_DTYPES, PADDINGS, check_groupnorm
+from histokd_jax.stage_names import STAGE_NAMES, check_no_old_folders
 from histokd_jax.symmetry import DIHEDRAL
 from histokd_jax.units import MPP_AT_1X, resolution_to_mpp
 
-STAGE_NAMES = ("teacher", "distill", "baseline", "control")
 SELECT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 # What a teacher's parameters and their meaning depend on: a teacher loads only into the same values.
@@ -46,6 +46,8 @@ def check_config(config: ml_collections.ConfigDict, *, device_count: int, workdi
     ones (default: ``histokd_jax.configs.common.get_config()``).
     """
     check_known_keys(config, reference=reference)
+    if workdir is not None:
+        check_no_old_folders(workdir)
     check_stages(config.stages)
     check_training_settings(config)
     factor = check_resolution(config.data)

@@ -33,9 +33,9 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str | pathlib.P
 
 def _test_slides(workdir: pathlib.Path, *, limit: int) -> list[str]:
     """The first ``limit`` slides the distilled student was tested on (slide data only), in test order."""
-    if not limit or not (workdir / "student_kd" / "result.json").exists():
+    if not limit or not (workdir / "distill" / "result.json").exists():
         return []
-    slides = report.load_predictions(workdir / "student_kd")["slides"]
+    slides = report.load_predictions(workdir / "distill")["slides"]
     return [] if slides is None else list(dict.fromkeys(str(s) for s in slides))[:limit]
 
 

@@ -40,12 +40,13 @@ from histokd_jax.data import slides
 from histokd_jax.data.splits import resolve_downsample
 from histokd_jax.messages import first_line
 from histokd_jax.model_config import make_model
+from histokd_jax.stage_names import check_no_old_folders
 from histokd_jax.state import abstract_params
 from histokd_jax.units import resolution_to_mpp
 
 log = logging.getLogger(__name__)
 
-ROLES = {"student": "student_kd", "teacher": "teacher", "baseline": "student_baseline"}
+MODEL_STAGES = {"student": "distill", "teacher": "teacher", "baseline": "baseline"}
 # Tab10-like colours for the classes in heatmaps and QuPath classifications.
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
@@ -94,14 +95,15 @@ def load_run_model(checkpoint_dir: str | pathlib.Path, *, model: str = "student"
     """The finished ``model`` ("student", "teacher" or "baseline") of a training workdir (``checkpoint_dir`` is
     the workdir or any stage folder in it). ``teacher_mpp`` sets the teacher's µm/px when the run's config does
     not (tile-folder data)."""
-    if model not in ROLES:
-        raise ValueError(f"model must be one of {sorted(ROLES)}, got {model!r}")
+    if model not in MODEL_STAGES:
+        raise ValueError(f"model must be one of {sorted(MODEL_STAGES)}, got {model!r}")
     path = pathlib.Path(checkpoint_dir).expanduser().absolute()
     workdir = path if (path / "config.json").exists() else path.parent
     if not (workdir / "config.json").exists():
         raise FileNotFoundError(f"{checkpoint_dir} is not a training workdir (or a stage folder in one): "
                                 "no config.json")
-    stage_dir = workdir / ROLES[model]
+    check_no_old_folders(workdir)
+    stage_dir = workdir / MODEL_STAGES[model]
     if not (stage_dir / "result.json").exists():
         raise FileNotFoundError(f"no finished {model} model in {workdir} ({stage_dir} has no result.json)")
     config, run = report.load_run(workdir)
@@ -112,7 +114,7 @@ def load_run_model(checkpoint_dir: str | pathlib.Path, *, model: str = "student"
     net = make_model(config, num_classes=len(run["class_names"]))
     mesh = mesh if mesh is not None else parallel.make_mesh()
     params, _ = checkpoint.load_best_params(stage_dir, params_like=abstract_params(net, input_px=input_px), mesh=mesh)
-    return RunModel(role=ROLES[model], workdir=workdir, stage_dir=stage_dir, net=net, params=params,
+    return RunModel(role=MODEL_STAGES[model], workdir=workdir, stage_dir=stage_dir, net=net, params=params,
                     class_names=tuple(run["class_names"]), input_px=input_px,
                     input_mpp=None if teacher_mpp is None else teacher_mpp * factor)
 

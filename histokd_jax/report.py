@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from histokd_jax import atomic, metrics
+from histokd_jax.stage_names import STAGE_ORDER
 
 PREDICTIONS = "test_predictions.npz"
 # A student's test tiles read from each slide's pyramid at its own µm/px (what launch/predict.py reads),
@@ -48,15 +49,11 @@ def load_predictions(stage_dir: str | pathlib.Path, *, filename: str = PREDICTIO
     return out
 
 
-# The order models are listed in: the teacher first, then the students.
-ROLE_ORDER = {"teacher": 0, "student_kd": 1, "student_baseline": 2, "student_control": 3}
-
-
 def find_models(workdir: str | pathlib.Path) -> list[pathlib.Path]:
     """Stage folders under ``workdir`` (any depth: a sweep nests runs) that saved test predictions."""
     workdir = pathlib.Path(workdir)
     return sorted((p.parent for p in workdir.rglob(PREDICTIONS)),
-                  key=lambda d: (d.parent != workdir, d.parent.name, ROLE_ORDER.get(d.name, 9), d.name))
+                  key=lambda d: (d.parent != workdir, d.parent.name, STAGE_ORDER.get(d.name, 9), d.name))
 
 
 def load_run(run_dir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, dict]:

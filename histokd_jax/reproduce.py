@@ -62,10 +62,10 @@ def _least(*values: float) -> float:
 def claims(rows: Sequence[dict], *, low: int = 8, mid: int = 4, high: int = 2) -> list[Claim]:
     """The issue's targets for one seed's sweep rows (teacher at factor 1; students at high/mid/low factors)."""
     teacher = _acc(rows, role="teacher")
-    kd = {f: _acc(rows, role="student_kd", factor=f, pool=1.0) for f in (high, mid, low)}
-    base = {f: _acc(rows, role="student_baseline", factor=f) for f in (high, mid, low)}
-    ctrl = {f: _acc(rows, role="student_control", factor=f) for f in (high, mid, low)}
-    pool = {p: _acc(rows, role="student_kd", factor=mid, pool=p) for p in (0.0, 0.25, 0.5, 1.0)}
+    kd = {f: _acc(rows, role="distill", factor=f, pool=1.0) for f in (high, mid, low)}
+    base = {f: _acc(rows, role="baseline", factor=f) for f in (high, mid, low)}
+    ctrl = {f: _acc(rows, role="control", factor=f) for f in (high, mid, low)}
+    pool = {p: _acc(rows, role="distill", factor=mid, pool=p) for p in (0.0, 0.25, 0.5, 1.0)}
     out = [
         Claim("teacher in range", "0.90 <= teacher <= 0.97", _least(teacher - 0.90, 0.97 - teacher),
               f"teacher {teacher:.3f}"),
@@ -96,8 +96,8 @@ def paired_gains(seed_dir: pathlib.Path, rows: Sequence[dict], *, n_boot: int = 
     """Per factor: the distilled student's accuracy minus the baseline's on the same test tiles, with a
     paired 95% interval resampling whole slides (narrower than the two models' own intervals)."""
     out = {}
-    for factor in sorted({r["factor"] for r in rows if r["role"] == "student_baseline"}):
-        kd, base = seed_dir / f"f{factor}" / "student_kd", seed_dir / f"f{factor}" / "student_baseline"
+    for factor in sorted({r["factor"] for r in rows if r["role"] == "baseline"}):
+        kd, base = seed_dir / f"f{factor}" / "distill", seed_dir / f"f{factor}" / "baseline"
         if not (kd / report.PREDICTIONS).exists() or not (base / report.PREDICTIONS).exists():
             continue
         a, b = report.load_predictions(kd), report.load_predictions(base)
@@ -158,8 +158,8 @@ def write_summary(workdir: str | pathlib.Path, by_seed: dict[int, list[dict]], *
                    for s, rows in by_seed.items()}}, indent=1)
     atomic.write_text(workdir / "reproduce.md", "# Reproduction on the multi-scale benchmark\n\n" + text + "\n")
     (workdir / "plots").mkdir(exist_ok=True)
-    labels = {"teacher": "teacher", "student_kd": "distilled", "student_baseline": "baseline (labels only)",
-              "student_control": "control (true pool labels)"}
+    labels = {"teacher": "teacher", "distill": "distilled", "baseline": "baseline (labels only)",
+              "control": "control (true pool labels)"}
     points = [{"name": r["model"], "group": f"{labels.get(r['role'], r['role'])}, seed {s}",
                "gflops": r["gflops_per_image"], "accuracy": r["accuracy"], "ci95": r["accuracy_ci95"]}
               for s, rows in sorted(by_seed.items()) for r in rows if r["pool"] in (None, 1.0)]
@@ -167,9 +167,9 @@ def write_summary(workdir: str | pathlib.Path, by_seed: dict[int, list[dict]], *
                              title="multi-scale benchmark: accuracy vs cost")
     mid = 4
     series = {f"seed {s}": [(r["pool"], r["accuracy"], r["accuracy_ci95"]) for r in rows
-                            if r["role"] == "student_kd" and r["factor"] == mid] for s, rows in sorted(by_seed.items())}
+                            if r["role"] == "distill" and r["factor"] == mid] for s, rows in sorted(by_seed.items())}
     refs = {f"{name}, seed {s}": _acc(rows, role=role, factor=mid) for s, rows in sorted(by_seed.items())
-            for role, name in (("student_baseline", "baseline"), ("student_control", "control"))}
+            for role, name in (("baseline", "baseline"), ("control", "control"))}
     plots.accuracy_vs_pool(workdir / "plots" / "accuracy_vs_pool.png", series, references=refs,
                            title=f"distilled student at 1/{mid}: accuracy vs unlabelled pool")
     return text

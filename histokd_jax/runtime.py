@@ -81,5 +81,5 @@ class StopOnSignal:
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)", flush=True)
 
-    def __call__(self, role: str, step: int) -> bool:
+    def __call__(self, stage_name: str, step: int) -> bool:
         return self.requested

@@ -3,9 +3,9 @@
 Layout of a sweep workdir::
 
     sweep/teacher/                 the one teacher (trained here, or config.teacher.checkpoint)
-    sweep/f4/student_kd/ ...       one run per factor: distilled student, label-only baseline,
-    sweep/f4/student_control/      and (synthetic data) the student trained on the pool's true labels
-    sweep/f4_pool25/student_kd/    distillation on 25% of the unlabelled pool (config.sweep.unlabeled_fractions)
+    sweep/f4/distill/ ...       one run per factor: distilled student, label-only baseline,
+    sweep/f4/control/      and (synthetic data) the student trained on the pool's true labels
+    sweep/f4_pool25/distill/    distillation on 25% of the unlabelled pool (config.sweep.unlabeled_fractions)
     sweep/sweep.md, sweep.json     the paper-style table; plots/accuracy_vs_gflops.png
 
 Every cell is an ordinary training workdir, so rerunning resumes the unfinished
@@ -29,6 +29,7 @@ from histokd_jax.data.splits import resolve_downsample
 from histokd_jax.messages import say
 from histokd_jax.model_config import make_model
 from histokd_jax.models import check_groupnorm
+from histokd_jax.stage_names import STAGE_ORDER
 from histokd_jax.state import init_params
 from histokd_jax.units import MPP_AT_1X, resolution_to_mpp
 
@@ -190,7 +191,7 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
             "model": stage_dir.relative_to(workdir).as_posix(), "role": result["role"], "factor": factor,
             "input_px": px, "mpp": None if teacher_mpp is None else teacher_mpp * factor,
             "magnification": None if teacher_mpp is None else MPP_AT_1X / (teacher_mpp * factor),
-            "pool": float(config.data.get("unlabeled_fraction", 1.0)) if result["role"] == "student_kd" else None,
+            "pool": float(config.data.get("unlabeled_fraction", 1.0)) if result["role"] == "distill" else None,
             "accuracy": point["accuracy"], "accuracy_ci95": list(ci["accuracy"]), "macro_f1": point["macro_f1"],
             "macro_auc": point["macro_auc"], "gflops_per_image": result["gflops_per_image"],
             "images_per_s": speed.get(px), **pyramid,
@@ -198,7 +199,7 @@ def table_rows(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: i
         if result["role"] == "teacher":
             teacher_gflops = result["gflops_per_image"]
         rows.append(row)
-    rows.sort(key=lambda r: (r["factor"], report.ROLE_ORDER.get(r["role"], 9), -(r["pool"] or 0), r["model"]))
+    rows.sort(key=lambda r: (r["factor"], STAGE_ORDER.get(r["role"], 9), -(r["pool"] or 0), r["model"]))
     for row in rows:
         row["flop_ratio"] = teacher_gflops / row["gflops_per_image"] if teacher_gflops else None
     return rows
@@ -243,8 +244,8 @@ def write_table(workdir: str | pathlib.Path, *, n_boot: int = 1000, batch_size: 
               f"batch {batch_size}.\n\n")
     atomic.write_text(workdir / "sweep.md", header + format_table(rows) + "\n")
     (workdir / "plots").mkdir(exist_ok=True)
-    labels = {"teacher": "teacher", "student_kd": "distilled", "student_baseline": "baseline (labels only)",
-              "student_control": "control (true pool labels)"}
+    labels = {"teacher": "teacher", "distill": "distilled", "baseline": "baseline (labels only)",
+              "control": "control (true pool labels)"}
     points = [{"name": r["model"], "group": labels.get(r["role"], r["role"]) + (
                    f", pool {100 * r['pool']:.0f}%" if r["pool"] not in (None, 1.0) else ""),
                "gflops": r["gflops_per_image"], "accuracy": r["accuracy"], "ci95": r["accuracy_ci95"]} for r in rows]

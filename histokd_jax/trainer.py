@@ -1,6 +1,6 @@
 """Runs the stages a config names (teacher, distill, baseline), resumably, and reports a table.
 
-Each stage lives in ``workdir/<role>/``: orbax checkpoints (state, best params,
+Each stage lives in ``workdir/<stage name>/`` (``teacher/``, ``distill/``, ``baseline/``, ``control/``): orbax checkpoints (state, best params,
 data iterator, metadata, config) and, once finished, ``result.json``. Running the
 same command again resumes an interrupted stage from its latest checkpoint and
 skips a finished one, so ``workdir`` is the unit of work.
@@ -43,8 +43,7 @@ RESULT_KEYS = ("role", "input_px", "downsample", "split", "accuracy", "balanced_
 class Stage:
     """One model to train: what it sees, what it trains on, and how one step updates it."""
 
-    role: str  # "teacher" | "student_kd" | "student_baseline" | "student_control": the folder and results row
-    section: str  # the config section and stage name: "teacher" | "distill" | "baseline" | "control"
+    name: str  # "teacher" | "distill" | "baseline" | "control": config section, folder and results row
     cfg: ml_collections.ConfigDict  # config.teacher / config.distill / config.baseline / config.control
     model: nn.Module
     image_key: str  # "teacher_image" or "student_image"
@@ -74,8 +73,8 @@ def _flush(pending: list[dict], *, stage: "Stage", last_step: int, ckpt_dir: pat
         kept = f"the last good checkpoint (step {latest_saved}) is kept in {ckpt_dir}" if latest_saved else (
             "no checkpoint had been saved yet")
         raise FloatingPointError(
-            f"{stage.role}: the loss / gradient norm became {health[bad[0]].tolist()} at step {step}; training "
-            f"stopped and {kept}. Rerun with a lower --config.{stage.section}.optim.learning_rate (the run resumes "
+            f"{stage.name}: the loss / gradient norm became {health[bad[0]].tolist()} at step {step}; training "
+            f"stopped and {kept}. Rerun with a lower --config.{stage.name}.optim.learning_rate (the run resumes "
             "from that checkpoint), or check the input data."
         )
     return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
@@ -95,7 +94,7 @@ def run_stage(
 
     The steps, in order: reuse a finished stage; start (optimizer, state, checkpoints, the resume check);
     the loader; restore; compile the step; the training loop (NaN check, validation, saves); the test row."""
-    stage_dir = workdir / stage.role
+    stage_dir = workdir / stage.name
     if parallel.from_process_0((stage_dir / "result.json").exists()):  # decided once: all take the same branch
         return _reuse_finished(stage, stage_dir=stage_dir, mesh=mesh)
     started = time.perf_counter()
@@ -107,8 +106,8 @@ def run_stage(
             restored = _restore(run.manager, run.resume_step, stage=stage, state=run.state, iterator=run.iterator,
                                 mesh=mesh)
             run.state, run.best_params, run.best = restored["state"], restored["best"], restored["meta"]
-            say(f"{stage.role}: resuming from step {int(run.state.step)} of {stage.cfg.steps}")
-        writer.forget_after(stage.role, int(run.state.step))  # what an interrupted run logged after it is redone
+            say(f"{stage.name}: resuming from step {int(run.state.step)} of {stage.cfg.steps}")
+        writer.forget_after(stage.name, int(run.state.step))  # what an interrupted run logged after it is redone
         evaluate = _evaluator(stage, config=config, mesh=mesh)
         finished = _train_loop(stage, run, step_fn=_compile_step(stage, tx=run.tx, mesh=mesh), config=config,
                                mesh=mesh, evaluate=lambda params: evaluate(params, splits.val), writer=writer,
@@ -142,7 +141,7 @@ class _Run:
 
 
 def _reuse_finished(stage: Stage, *, stage_dir: pathlib.Path, mesh) -> tuple[Any, dict]:
-    say(f"{stage.role}: finished earlier, reusing {stage_dir}")
+    say(f"{stage.name}: finished earlier, reusing {stage_dir}")
     like = abstract_params(stage.model, input_px=stage.input_px)
     best, _ = checkpoint.load_best_params(stage_dir, params_like=like, mesh=mesh)
     return best, json.loads(_shared_file(stage_dir / "result.json").read_text())
@@ -154,7 +153,7 @@ def _start(stage: Stage, *, config: ml_collections.ConfigDict, mesh, stage_dir: 
     params = init_params(stage.model, rng=jax.random.key(stage.seed), input_px=stage.input_px)
     # config_checks.check_batch_sizes has made sure the crops of a batch split evenly over the devices
     per_process_batch = parallel.check_batch_size(stage.cfg.batch_size // stage.views_per_crop, mesh=mesh,
-                                                  what=f"{stage.role} crops per batch")
+                                                  what=f"{stage.name} crops per batch")
     parallel.check_batch_size(config.train.eval_batch_size, mesh=mesh, what="train.eval_batch_size")
     tx = make_optimizer(stage.cfg.optim, total_steps=stage.cfg.steps)
     state = parallel.put_replicated(create_train_state(params, tx=tx), mesh=mesh)
@@ -199,7 +198,7 @@ def _train_loop(stage: Stage, run: _Run, *, step_fn: Callable, config: ml_collec
     validation picks the best parameters, checkpoints at save steps and on a stop. False when stopped."""
     cfg, train = stage.cfg, config.train
     first = int(run.state.step)
-    bar = tqdm(total=cfg.steps, initial=first, desc=stage.role, unit="step", mininterval=0.5,
+    bar = tqdm(total=cfg.steps, initial=first, desc=stage.name, unit="step", mininterval=0.5,
                disable=not (train.progress and writer.enabled))
     pending: list[dict] = []
     try:
@@ -209,7 +208,7 @@ def _train_loop(stage: Stage, run: _Run, *, step_fn: Callable, config: ml_collec
             bar.update()
             eval_now = step % cfg.eval_every_steps == 0 or step == cfg.steps
             save_now = eval_now or step % train.checkpoint_every_steps == 0
-            stop_now = bool(should_stop and should_stop(stage.role, step))
+            stop_now = bool(should_stop and should_stop(stage.name, step))
             if jax.process_count() > 1:  # processes agree at log and save steps only: no sync on every step
                 at_boundary = step % train.log_every_steps == 0 or save_now
                 stop_now = at_boundary and parallel.any_process(stop_now)
@@ -218,7 +217,7 @@ def _train_loop(stage: Stage, run: _Run, *, step_fn: Callable, config: ml_collec
             means = _flush(pending, stage=stage, last_step=step, ckpt_dir=run.manager.directory,
                            latest_saved=run.manager.latest_step())
             pending = []
-            writer.write(f"{stage.role}/train", step, means)
+            writer.write(f"{stage.name}/train", step, means)
             bar.set_postfix(loss=f"{means['loss']:.4f}")
             if eval_now:
                 _validate(stage, run, step=step, evaluate=evaluate, writer=writer, select=train.select_metric)
@@ -227,7 +226,7 @@ def _train_loop(stage: Stage, run: _Run, *, step_fn: Callable, config: ml_collec
                                 data_iterator=run.iterator, meta=run.best, config_json=config.to_json(),
                                 identity=run.identity)
             if stop_now:
-                say(f"{stage.role}: stopped at step {step}; run the same command again to resume")
+                say(f"{stage.name}: stopped at step {step}; run the same command again to resume")
                 return False
     finally:
         bar.close()
@@ -237,7 +236,7 @@ def _train_loop(stage: Stage, run: _Run, *, step_fn: Callable, config: ml_collec
 def _validate(stage: Stage, run: _Run, *, step: int, evaluate: Callable, writer: MetricWriter, select: str) -> None:
     scored = evaluate(run.state.params)
     val = classification_metrics(scored.labels, scored.probs)
-    writer.write(f"{stage.role}/val", step, val)
+    writer.write(f"{stage.name}/val", step, val)
     if val[select] > run.best["metric"]:
         run.best = {"metric": val[select], "step": step, **val}
         run.best_params = parallel.to_host(run.state.params)
@@ -280,7 +279,7 @@ def _restore(manager, step: int, *, stage: Stage, state, iterator, mesh) -> dict
     except ValueError as err:  # grain's own check of the loader (sampler, source, workers), for older checkpoints
         if "does not match" not in str(err):
             raise
-        raise ValueError(f"{stage.role}: cannot resume from {manager.directory} (step {step}): "
+        raise ValueError(f"{stage.name}: cannot resume from {manager.directory} (step {step}): "
                          f"{str(err).splitlines()[0]} Rerun with the data and settings of that run, or use a new "
                          "--workdir.") from err
 
@@ -326,7 +325,7 @@ def _check_resumable(manager, step: int, *, stage: Stage, config: ml_collections
     """
     saved = flat_leaves(checkpoint.load_config(manager, step))
     current = flat_leaves(json.loads(config.to_json()))
-    relevant = ("seed", "model.", "data.", f"{stage.section}.", "train.select_metric")
+    relevant = ("seed", "model.", "data.", f"{stage.name}.", "train.select_metric")
     # Fields that only one side has were added or removed by an upgrade of this package: not compared.
     differ = sorted(
         k for k in set(saved) & set(current)
@@ -335,7 +334,7 @@ def _check_resumable(manager, step: int, *, stage: Stage, config: ml_collections
     if differ:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:8])
         raise ValueError(
-            f"{stage.role}: the checkpoint in {manager.directory} was made with other settings ({shown}). "
+            f"{stage.name}: the checkpoint in {manager.directory} was made with other settings ({shown}). "
             "Rerun with the old values to resume, or use a new --workdir."
         )
     # the settings first: a changed data.* setting is named as such rather than as changed records
@@ -350,14 +349,14 @@ def _check_same_identity(saved: dict | None, current: dict, *, stage: Stage, whe
     for key, meaning in what.items():
         if saved.get(key) != current.get(key):
             raise ValueError(
-                f"{stage.role}: cannot resume from {where}: {meaning} since that checkpoint was saved "
+                f"{stage.name}: cannot resume from {where}: {meaning} since that checkpoint was saved "
                 f"({saved.get(key)} -> {current.get(key)}). Rerun with the same {key} to resume exactly, or use a "
                 "new --workdir.")
 
 
 def result_row(stage: Stage, *, labels: np.ndarray, probs: np.ndarray) -> dict:
     return {
-        "role": stage.role,
+        "role": stage.name,
         "input_px": stage.input_px,
         "downsample": stage.downsample,
         "split": "test",
@@ -376,8 +375,8 @@ def format_table(rows: list[dict]) -> str:
             f"{r['balanced_accuracy']:>9.3f}{r['macro_f1']:>10.3f}{r['gflops_per_image']:>10.4f}"
         )
     by_role = {r["role"]: r for r in rows}
-    if "teacher" in by_role and "student_kd" in by_role:
-        ratio = by_role["teacher"]["gflops_per_image"] / by_role["student_kd"]["gflops_per_image"]
+    if "teacher" in by_role and "distill" in by_role:
+        ratio = by_role["teacher"]["gflops_per_image"] / by_role["distill"]["gflops_per_image"]
         lines.append(f"teacher / student FLOPs: {ratio:.1f}x")
     return "\n".join(lines)
 
@@ -388,7 +387,7 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
     spec = view_spec(config.data, train=True)
     if name == "teacher":
         return Stage(
-            role="teacher", section="teacher", cfg=config.teacher, model=model, image_key="teacher_image", input_px=spec.teacher_px,
+            name="teacher", cfg=config.teacher, model=model, image_key="teacher_image", input_px=spec.teacher_px,
             downsample=1, train_source=splits.train, seed=config.seed,
             make_step=lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx, image_key="teacher_image"),
         )
@@ -401,7 +400,7 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
             cache = functools.partial(_cache_targets, teacher_params=teacher_params, teacher=teacher, config=config,
                                       signature=signature)
         return Stage(
-            role="student_kd", section="distill", cfg=d, model=model, image_key="student_image", input_px=spec.student_px,
+            name="distill", cfg=d, model=model, image_key="student_image", input_px=spec.student_px,
             downsample=spec.downsample, train_source=splits.pool,
             seed=config.seed + 1, teacher_params=teacher_params, teacher_fingerprint=signature,
             views_per_crop=d.get("views_per_crop", 1),
@@ -414,14 +413,14 @@ def build_stage(name: str, *, config: ml_collections.ConfigDict, model: nn.Modul
             raise ValueError("the 'control' stage needs true labels for the whole pool; only the synthetic demo "
                              "data (data.kind 'synthetic' or 'synthetic_slides') has them")
         return Stage(
-            role="student_control", section="control", cfg=config.control, model=model, image_key="student_image",
+            name="control", cfg=config.control, model=model, image_key="student_image",
             input_px=spec.student_px, downsample=spec.downsample, train_source=splits.pool_truth, seed=config.seed + 1,
             make_step=lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx, image_key="student_image"),
         )
     # The baseline starts from the distilled student's initialisation (same seed): only the objective
     # and the labels differ.
     return Stage(
-        role="student_baseline", section="baseline", cfg=config.baseline, model=model, image_key="student_image",
+        name="baseline", cfg=config.baseline, model=model, image_key="student_image",
         input_px=spec.student_px, downsample=spec.downsample, train_source=splits.train, seed=config.seed + 1,
         make_step=lambda tx: functools.partial(steps.supervised_step, model=model, tx=tx, image_key="student_image"),
     )
@@ -472,7 +471,7 @@ def train_and_evaluate(
     """Run every stage in ``config.stages``; write and print ``workdir/results.json``. The end-of-run
     report (``train.final_report``) is ``experiment.train_and_report``'s, above this module.
 
-    ``should_stop(role, step)`` lets a caller (a preemption handler, a test) stop
+    ``should_stop(stage_name, step)`` lets a caller (a preemption handler, a test) stop
     after a step with a checkpoint saved; the function then returns None.
     """
     workdir = pathlib.Path(workdir).absolute()

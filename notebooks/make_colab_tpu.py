@@ -348,7 +348,7 @@ code("""
 
     print(f"{'model':<12}{'input px':>9}{'accuracy':>10}{'balanced':>10}")
     for role, params, image_key, px in (("teacher", teacher_params, "teacher_image", train_spec.teacher_px),
-                                        ("student_kd", student_state.params, "student_image", train_spec.student_px)):
+                                        ("distill", student_state.params, "student_image", train_spec.student_px)):
         labels, probs = evaluation.evaluate(params, splits.test, model=model, image_key=image_key, spec=eval_spec,
                                             mesh=mesh, batch_size=config.train.eval_batch_size)
         m = classification_metrics(labels, probs)

@@ -1,6 +1,6 @@
 """``launch/train.py`` that SIGKILLs itself after step K of one stage: the resume tests' crash, at a known place.
 
-    HISTOKD_KILL_AT=student_kd:10 python tests/kill_at_step.py --config=... --workdir=W ...
+    HISTOKD_KILL_AT=distill:10 python tests/kill_at_step.py --config=... --workdir=W ...
 
 Before the kill it waits until a checkpoint of that stage earlier than K is completely written (orbax
 saves in the background), so the rerun has a checkpoint to resume from and redoes the steps after it.

@@ -79,7 +79,7 @@ def stand_in(*, mpp: float, px: int, calls: list, constant: np.ndarray | None = 
         red = (images[..., 0].astype(int) > images[..., 2]).mean(axis=(1, 2))
         return np.stack([red, 1 - red], axis=1).astype(np.float32)
 
-    return inference.Predictor(role="student_kd", class_names=("pink", "blue"), input_mpp=mpp, input_px=px,
+    return inference.Predictor(role="distill", class_names=("pink", "blue"), input_mpp=mpp, input_px=px,
                                apply=apply, batch_size=8, source=f"stand-in {mpp}")
 
 
@@ -118,7 +118,7 @@ def test_the_cascade_replaces_the_unsure_tiles_with_the_teachers_and_says_so(tmp
     assert all(c.shape[1:] == (32, 32, 3) for c in teacher_calls)
     chain = summary["cascade"]
     assert (chain["to_teacher"], chain["teacher_level"], chain["score"], chain["threshold"]) == (sent, 0, "margin", 0.6)
-    assert chain["teacher_share"] == pytest.approx(sent / len(rows), abs=1e-5) and summary["model"] == "student_kd"
+    assert chain["teacher_share"] == pytest.approx(sent / len(rows), abs=1e-5) and summary["model"] == "distill"
     # the student's 8 px from the 4x level, the teacher's 32 px from level 0
     assert summary["level"] == 1 and summary["read_mpx"] * 1e6 == pytest.approx(len(rows) * 8 * 8 + sent * 32 * 32)
     assert {"teacher_read", "teacher_compute"} <= set(summary["timings_s"])

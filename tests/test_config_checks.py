@@ -167,6 +167,24 @@ def test_an_unknown_key_on_the_command_line_is_one_line_not_a_traceback(tmp_path
 # --- the teacher ---------------------------------------------------------------------------------
 
 
+def test_a_workdir_with_the_old_student_folder_names_is_refused_with_the_renames_and_left_as_it_was(config, tmp_path):
+    run = tmp_path / "run"
+    for old in ("student_kd", "f4/student_baseline"):  # a run and a sweep cell
+        (run / old / "checkpoints").mkdir(parents=True)
+        (run / old / "result.json").write_text("{}")
+    before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+    with pytest.raises(ValueError, match="older histokd_jax") as refusal:
+        trainer.train_and_evaluate(config, run)
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
+    assert not (tmp_path / "tiles").exists()
+    moves = [line.split() for line in str(refusal.value).splitlines() if line.strip().startswith("mv ")]
+    assert sorted(m[1] for m in moves) == [str(run / "f4/student_baseline"), str(run / "student_kd")]
+    for _, src, dst in moves:  # the printed commands are the fix
+        os.rename(src, dst)
+    assert (run / "distill" / "result.json").exists() and (run / "f4" / "baseline" / "result.json").exists()
+    config_checks.check_no_old_folders(run)
+
+
 def test_distillation_without_a_teacher_is_refused_before_the_data(config, tmp_path):
     config.stages = ("distill", "baseline")
     refused(config, tmp_path, r"needs a finished teacher: .*/run/teacher does not exist and config.stages="

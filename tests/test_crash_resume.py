@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 40
 # The tiny teacher, then a 40-step distillation with a checkpoint every 5 steps (and at every
-# validation, every 3): long enough for a kill to land in the middle of the student_kd stage.
+# validation, every 3): long enough for a kill to land in the middle of the distill stage.
 RUN = ("--config.stages=('teacher', 'distill')", f"--config.distill.steps={STEPS}",
        "--config.train.checkpoint_every_steps=5", "--config.data.workers=0")
 # The same training with no periodic checkpoint and validation only at the end: a checkpoint
@@ -121,7 +121,7 @@ def result_rows(workdir: pathlib.Path) -> list[dict]:
 
 def assert_same_end(resumed: pathlib.Path, straight: pathlib.Path, *, best_too: bool = True) -> None:
     """Same final parameters (and best parameters, selection and test metrics) as the uninterrupted run."""
-    for role in ("teacher", "student_kd"):
+    for role in ("teacher", "distill"):
         a, b = saved(resumed / role), saved(straight / role)
         assert a["step"] == b["step"] == int(a["state"]["step"])
         assert_same_trees(a["state"]["params"], b["state"]["params"], what=f"{role} final params")
@@ -155,21 +155,21 @@ def straight(straight_started) -> pathlib.Path:
     """The uninterrupted run of RUN, finished."""
     workdir, proc = straight_started
     finish(proc)
-    assert complete_steps(workdir / "student_kd")[-1] == STEPS
+    assert complete_steps(workdir / "distill")[-1] == STEPS
     return workdir
 
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory, data_root, straight_started) -> tuple[pathlib.Path, int]:
-    """RUN killed with SIGKILL in the middle of the student_kd stage: (workdir, its last complete step)."""
+    """RUN killed with SIGKILL in the middle of the distill stage: (workdir, its last complete step)."""
     workdir = tmp_path_factory.mktemp("killed") / "run"
-    stage = workdir / "student_kd"
+    stage = workdir / "distill"
     proc = start(workdir, data_root, *RUN)
     try:
         # Half-way: the killed run does the work it can while the straight run runs beside it; the reruns
         # redo less.
         wait_for(proc, lambda: [s for s in complete_steps(stage) if s >= STEPS // 2],
-                 what=f"a complete student_kd checkpoint at step {STEPS // 2} or later")
+                 what=f"a complete distill checkpoint at step {STEPS // 2} or later")
         os.killpg(proc.pid, signal.SIGKILL)  # the process and anything it started, with no chance to clean up
         proc.communicate(timeout=60)
     finally:
@@ -191,9 +191,9 @@ def copy_of(killed_run: tuple[pathlib.Path, int], tmp_path: pathlib.Path) -> pat
 def test_sigkill_mid_stage_then_rerun_ends_as_an_uninterrupted_run(killed, straight, data_root, tmp_path):
     workdir, last = copy_of(killed, tmp_path), killed[1]
     done = run(workdir, data_root, *RUN)
-    assert f"student_kd: resuming from step {last} of {STEPS}" in done.stdout
+    assert f"distill: resuming from step {last} of {STEPS}" in done.stdout
     assert "teacher: finished earlier" in done.stdout
-    assert not list((workdir / "student_kd" / "checkpoints").glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"))
+    assert not list((workdir / "distill" / "checkpoints").glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"))
     assert_same_end(workdir, straight)
 
 
@@ -204,7 +204,7 @@ def _next_save_step(step: int) -> int:
 
 def test_half_written_checkpoints_are_ignored_for_the_last_complete_one(killed, straight, data_root, tmp_path):
     workdir, last = copy_of(killed, tmp_path), killed[1]
-    ckpts = workdir / "student_kd" / "checkpoints"
+    ckpts = workdir / "distill" / "checkpoints"
     # A step directory whose writing stopped part-way (no commit markers, the state's arrays
     # missing): orbax goes by the name alone and would resume from it. It is the next step the
     # rerun saves, so it must also be out of the way by then.
@@ -229,30 +229,30 @@ def test_half_written_checkpoints_are_ignored_for_the_last_complete_one(killed, 
         assert manager.latest_step() == broken and deleted in manager.all_steps()  # what plain orbax sees
 
     done = run(workdir, data_root, *RUN)
-    assert f"student_kd: resuming from step {last} of {STEPS}" in done.stdout
+    assert f"distill: resuming from step {last} of {STEPS}" in done.stdout
     assert f"step {broken} was not completely written" in done.stderr
     assert f"ignoring {tmp.name}" in done.stderr
     assert f"deleted step {deleted}, an unfinished deletion" in done.stderr
     assert (ckpts / f"{broken}.incomplete").is_dir() and not tmp.exists()
     assert not (ckpts / str(deleted)).exists() and not (ckpts / f"{deleted}.incomplete").exists()
-    assert complete_steps(workdir / "student_kd")[-1] == STEPS
+    assert complete_steps(workdir / "distill")[-1] == STEPS
     assert_same_end(workdir, straight)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(straight, data_root, tmp_path):
     workdir = tmp_path / "run"
-    stage = workdir / "student_kd"
+    stage = workdir / "distill"
 
     def student_step() -> int:
         if not (workdir / "metrics.jsonl").exists():
             return 0
         rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return max((row["step"] for row in rows if row["stage"] == "student_kd/train"), default=0)
+        return max((row["step"] for row in rows if row["stage"] == "distill/train"), default=0)
 
     proc = start(workdir, data_root, *NO_PERIODIC)
     try:
         seen = wait_for(proc, lambda: (s := student_step()) >= STEPS // 2 and s,
-                        what=f"{STEPS // 2} student_kd steps")
+                        what=f"{STEPS // 2} distill steps")
         assert complete_steps(stage) == []  # nothing periodic to fall back on
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -266,7 +266,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(s
     assert len(steps) == 1 and seen <= steps[0] < STEPS, (seen, steps)  # saved because of the signal
 
     done = run(workdir, data_root, *NO_PERIODIC)
-    assert f"student_kd: resuming from step {steps[0]} of {STEPS}" in done.stdout
+    assert f"distill: resuming from step {steps[0]} of {STEPS}" in done.stdout
     # Neither checkpoints nor validation change the training: the same end as RUN's straight run.
     # (The best parameters differ: RUN also validates every 3 steps.)
     assert_same_end(workdir, straight, best_too=False)

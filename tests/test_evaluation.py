@@ -138,8 +138,8 @@ def fake_workdir(root: pathlib.Path, *, slides: bool) -> pathlib.Path:
     _, student = random_predictions(n=240, k=3, seed=10, skill=1.0)
     _, baseline = random_predictions(n=240, k=3, seed=11, skill=0.5)
     slide_ids = np.asarray([f"slide_{y}_{i % 4}" for i, y in enumerate(labels)]) if slides else None
-    for role, probs, gflops, px in (("teacher", teacher, 0.034, 64), ("student_kd", student, 0.0016, 16),
-                                    ("student_baseline", baseline, 0.0016, 16)):
+    for role, probs, gflops, px in (("teacher", teacher, 0.034, 64), ("distill", student, 0.0016, 16),
+                                    ("baseline", baseline, 0.0016, 16)):
         report.save_predictions(root / role, labels=labels, probs=probs, class_names=("a", "b", "c"), slides=slide_ids)
         (root / role / "result.json").write_text(json.dumps({"role": role, "input_px": px, "gflops_per_image": gflops}))
     return root
@@ -151,21 +151,21 @@ def test_evaluate_writes_report_tables_and_figures(tmp_path):
                            "--bootstrap=200"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rep = json.loads((workdir / "report.json").read_text())
-    assert set(rep) == {"teacher", "student_kd", "student_baseline"}
+    assert set(rep) == {"teacher", "distill", "baseline"}
     teacher = report.load_predictions(workdir / "teacher")
-    student = report.load_predictions(workdir / "student_kd")
-    tiles = rep["student_kd"]["tiles"]
+    student = report.load_predictions(workdir / "distill")
+    tiles = rep["distill"]["tiles"]
     assert tiles["accuracy"]["value"] == pytest.approx(np.mean(student["probs"].argmax(-1) == student["labels"]))
     assert tiles["accuracy"]["ci95"][0] <= tiles["accuracy"]["value"] <= tiles["accuracy"]["ci95"][1]
     assert sum(tiles["per_class"][c]["support"] for c in "abc") == 240
-    agree = rep["student_kd"]["agreement_with_teacher"]
+    agree = rep["distill"]["agreement_with_teacher"]
     assert agree["top1_agreement"] == pytest.approx(np.mean(teacher["probs"].argmax(-1) == student["probs"].argmax(-1)))
     assert "agreement_with_teacher" not in rep["teacher"]
     # slide level: 12 slides (3 classes x 4), mean of tile probabilities
     assert rep["teacher"]["slides"]["n"] == 12 and rep["teacher"]["slides"]["accuracy"]["value"] == 1.0
     md = (workdir / "report.md").read_text()
-    assert "| student_kd |" in md and "## Slide level" in md
-    for name in ("roc_teacher", "confusion_student_kd", "roc_student_baseline", "accuracy_vs_gflops"):
+    assert "| distill |" in md and "## Slide level" in md
+    for name in ("roc_teacher", "confusion_distill", "roc_baseline", "accuracy_vs_gflops"):
         png = workdir / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -27,7 +27,7 @@ def random_run_model(*, padding: str, input_px: int, seed: int = 0, input_mpp: f
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     params = jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-    return RunModel(role="student_kd", workdir=pathlib.Path("/nonexistent"), stage_dir=pathlib.Path("/nonexistent"),
+    return RunModel(role="distill", workdir=pathlib.Path("/nonexistent"), stage_dir=pathlib.Path("/nonexistent"),
                     net=net, params=params, class_names=("a", "b", "c"), input_px=input_px, input_mpp=input_mpp)
 
 

@@ -99,10 +99,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert '"processes": 2' in (tmp_path / "two" / "run.json").read_text()
 
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
-    assert set(one) == set(two) == {"teacher/train", "student_kd/train"}
+    assert set(one) == set(two) == {"teacher/train", "distill/train"}
     for stage in one:
         np.testing.assert_allclose(two[stage], one[stage], rtol=1e-5)
-    for stage in ("teacher", "student_kd"):
+    for stage in ("teacher", "distill"):
         for a, b in zip(_best_params(tmp_path / "one" / stage), _best_params(tmp_path / "two" / stage), strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
@@ -112,7 +112,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     killed = [cmd[0], str(REPO / "tests/kill_at_step.py"), *cmd[2:]]
     for rerun in (False, True):
         port = _free_port()
-        extra = {} if rerun else {"HISTOKD_KILL_AT": "student_kd:3"}
+        extra = {} if rerun else {"HISTOKD_KILL_AT": "distill:3"}
         procs = [subprocess.Popen([*(cmd if rerun else killed), f"--workdir={tmp_path / 'killed'}",
                                    f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
                                   cwd=REPO, env={**env(1), **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -120,8 +120,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         outs = [p.communicate(timeout=300)[0] for p in procs]
         expected = [0, 0] if rerun else [-9, -9]
         assert [p.returncode for p in procs] == expected, outs[0][-3000:] + outs[1][-3000:]
-    assert "student_kd: resuming from step 2 of 4" in outs[0]
-    for stage in ("teacher", "student_kd"):
+    assert "distill: resuming from step 2 of 4" in outs[0]
+    for stage in ("teacher", "distill"):
         for a, b in zip(_best_params(tmp_path / "two" / stage), _best_params(tmp_path / "killed" / stage), strict=True):
             np.testing.assert_array_equal(b, a)
 

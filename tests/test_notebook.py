@@ -116,9 +116,9 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
     assert len(re.findall(r"^student step +\d+: loss \d+\.\d+ \(KL", text, re.M)) == loop_steps
     # the teacher / student table (trainer.format_table) and the paper-style table with intervals
     assert re.search(r"^teacher +64 +1 +[01]\.\d{3}", text, re.M), text[-3000:]
-    assert re.search(r"^student_kd +16 +4 +[01]\.\d{3}", text, re.M), text[-3000:]
+    assert re.search(r"^distill +16 +4 +[01]\.\d{3}", text, re.M), text[-3000:]
     assert re.search(r"^teacher / student FLOPs: \d+\.\dx", text, re.M)
-    assert "| student_kd | 2.5x |" in text
+    assert "| distill | 2.5x |" in text
     pngs = [o.data["image/png"] for c in nb.cells for o in c.get("outputs", [])
             if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert len(pngs) == 1 and base64.b64decode(pngs[0]).startswith(b"\x89PNG\r\n\x1a\n")

@@ -180,6 +180,15 @@ def test_predict_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert done.returncode != 0 and "not a training workdir" in done.stderr
 
 
+def test_predict_on_a_run_with_the_old_student_folder_name_says_how_to_rename_it(tmp_path):
+    run = tmp_path / "run"
+    (run / "student_kd").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    done = predict(f"--checkpoint={run / 'student_kd'}", f"--out={tmp_path / 'o'}", str(FIXTURE))
+    assert done.returncode != 0 and f"mv {run / 'student_kd'} {run / 'distill'}" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def redness_predictor(calls: list) -> inference.Predictor:
     """A stand-in model (no training): P(pink) = the fraction of pixels redder than blue; counts its calls."""
     def apply(images: np.ndarray) -> np.ndarray:
@@ -187,7 +196,7 @@ def redness_predictor(calls: list) -> inference.Predictor:
         red = (images[..., 0].astype(int) > images[..., 2]).mean(axis=(1, 2))
         return np.stack([red, 1 - red], axis=1).astype(np.float32)
 
-    return inference.Predictor(role="student_kd", class_names=("pink", "blue"), input_mpp=4.0, input_px=16,
+    return inference.Predictor(role="distill", class_names=("pink", "blue"), input_mpp=4.0, input_px=16,
                                apply=apply, batch_size=64, source="stand-in")
 
 
@@ -335,7 +344,7 @@ def test_students_are_also_scored_on_the_slides_own_pyramid_level(trained):
 
     config, _ = report.load_run(trained)
     test = load_splits(config.data, workdir=trained).test
-    for role in ("student_kd", "student_baseline"):
+    for role in ("distill", "baseline"):
         pyramid = report.load_predictions(trained / role, filename=report.PYRAMID_PREDICTIONS)
         block = report.load_predictions(trained / role)
         np.testing.assert_array_equal(pyramid["labels"], block["labels"])
@@ -352,17 +361,17 @@ def test_students_are_also_scored_on_the_slides_own_pyramid_level(trained):
             reads.append(np.asarray(slide.read_region((x, y), 1, (16, 16)).convert("RGB")))
     batch = np.zeros((student.batch_size, 16, 16, 3), np.uint8)
     batch[:len(picks)] = reads
-    pyramid = report.load_predictions(trained / "student_kd", filename=report.PYRAMID_PREDICTIONS)
+    pyramid = report.load_predictions(trained / "distill", filename=report.PYRAMID_PREDICTIONS)
     np.testing.assert_allclose(pyramid["probs"][picks], student.apply(batch)[:len(picks)], atol=1e-4)
 
     report.write_report(trained, n_boot=50)
     md = (trained / "report.md").read_text()
     assert "accuracy, pyramid reads" in md
     kd_accuracy = np.mean(pyramid["probs"].argmax(1) == pyramid["labels"])
-    kd_line = next(line for line in md.splitlines() if line.startswith("| student_kd |"))
+    kd_line = next(line for line in md.splitlines() if line.startswith("| distill |"))
     assert kd_line.split("|")[6].strip().startswith(f"{kd_accuracy:.3f} [")  # the pyramid column
     rows = sweep.table_rows(trained, n_boot=50, measure=False)
-    kd = next(r for r in rows if r["role"] == "student_kd")
+    kd = next(r for r in rows if r["role"] == "distill")
     assert kd["pyramid_accuracy"] == pytest.approx(kd_accuracy)
     assert "pyramid_accuracy" not in next(r for r in rows if r["role"] == "teacher")
     assert "accuracy, pyramid reads" in sweep.format_table(rows)

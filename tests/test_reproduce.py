@@ -21,10 +21,10 @@ def _row(role: str, factor: int, accuracy: float, pool: float | None = None) -> 
 
 HAND_ROWS = [
     _row("teacher", 1, 0.93),
-    _row("student_kd", 2, 0.925, 1.0), _row("student_baseline", 2, 0.90), _row("student_control", 2, 0.94),
-    _row("student_kd", 4, 0.88, 1.0), _row("student_baseline", 4, 0.80), _row("student_control", 4, 0.89),
-    _row("student_kd", 4, 0.84, 0.0), _row("student_kd", 4, 0.86, 0.25), _row("student_kd", 4, 0.87, 0.5),
-    _row("student_kd", 8, 0.82, 1.0), _row("student_baseline", 8, 0.80), _row("student_control", 8, 0.85),
+    _row("distill", 2, 0.925, 1.0), _row("baseline", 2, 0.90), _row("control", 2, 0.94),
+    _row("distill", 4, 0.88, 1.0), _row("baseline", 4, 0.80), _row("control", 4, 0.89),
+    _row("distill", 4, 0.84, 0.0), _row("distill", 4, 0.86, 0.25), _row("distill", 4, 0.87, 0.5),
+    _row("distill", 8, 0.82, 1.0), _row("baseline", 8, 0.80), _row("control", 8, 0.85),
 ]
 
 
@@ -55,7 +55,7 @@ def test_equal_accuracies_do_not_count_as_rising_with_the_pool():
 
 
 def test_a_missing_model_is_a_missed_claim_not_a_crash():
-    rows = [r for r in HAND_ROWS if not (r["role"] == "student_control" and r["factor"] == 8)]
+    rows = [r for r in HAND_ROWS if not (r["role"] == "control" and r["factor"] == 8)]
     got = {c.name: c for c in reproduce.claims(rows)}
     assert not got["resolution costs (1/8)"].holds and not got["KD near control (1/8)"].holds
     assert got["KD beats baseline (1/8)"].margin == pytest.approx(-0.01)
@@ -92,7 +92,7 @@ def test_reproduce_runs_two_seeds_and_writes_the_table_claims_and_plots(tmp_path
         models = sorted(r["model"] for r in summary["rows"][seed])
         assert models == sorted(["teacher", *(f"f{f}/student_{role}" for f in (2, 4, 8)
                                               for role in ("kd", "baseline", "control")),
-                                 "f4_pool0/student_kd", "f4_pool25/student_kd"])
+                                 "f4_pool0/distill", "f4_pool25/distill"])
         assert len(summary["claims"][seed]) == 10
     # the seeds drew different slides
     manifests = [(tmp_path / f"seed{s}" / "slides" / "manifest.csv").read_text() for s in (0, 1)]
@@ -115,7 +115,7 @@ def test_reproduce_runs_two_seeds_and_writes_the_table_claims_and_plots(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     table = json.loads((tmp_path / "ablations" / "ablations.json").read_text())
     assert sorted(table) == sorted(name for name, _ in ablations.VARIANTS)
-    reproduced = next(r for r in summary["rows"]["0"] if r["model"] == "f4/student_kd")
+    reproduced = next(r for r in summary["rows"]["0"] if r["model"] == "f4/distill")
     assert table["kl+feat_maxpool"]["0"]["accuracy"] == reproduced["accuracy"]
     kl_only = json.loads((tmp_path / "ablations" / "seed0" / "kl_only" / "config.json").read_text())
     assert kl_only["distill"]["loss"]["w_feat"] == 0.0 and kl_only["distill"]["loss"]["w_kl"] == 1.0

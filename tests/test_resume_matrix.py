@@ -93,25 +93,25 @@ def teacher_of(data, kind: str) -> str:
 # (teacher.checkpoint) so that each run trains only the stage under test.
 CASES = {
     "tile_folder": (lambda d: tiles_args(d, "folder"), ("teacher",), "teacher"),
-    "synthetic_tiles": (lambda d: (*tiles_args(d, "synthetic"), teacher_of(d, "tiles")), ("distill",), "student_kd"),
-    "synthetic_slides_demo": (lambda d: (*demo_args(d), teacher_of(d, "slides")), ("distill",), "student_kd"),
+    "synthetic_tiles": (lambda d: (*tiles_args(d, "synthetic"), teacher_of(d, "tiles")), ("distill",), "distill"),
+    "synthetic_slides_demo": (lambda d: (*demo_args(d), teacher_of(d, "slides")), ("distill",), "distill"),
     "manifest_of_slides": (manifest_args, ("teacher",), "teacher"),
-    "tfds_array_record": (lambda d: (*tfds_args(d), teacher_of(d, "tiles")), ("distill",), "student_kd"),
+    "tfds_array_record": (lambda d: (*tfds_args(d), teacher_of(d, "tiles")), ("distill",), "distill"),
     "unlabeled_fraction_half": (lambda d: (*demo_args(d), teacher_of(d, "slides"),
-                                           "--config.data.unlabeled_fraction=0.5"), ("distill",), "student_kd"),
-    "control_stage": (lambda d: (*demo_args(d), "--config.control.batch_size=16"), ("control",), "student_control"),
+                                           "--config.data.unlabeled_fraction=0.5"), ("distill",), "distill"),
+    "control_stage": (lambda d: (*demo_args(d), "--config.control.batch_size=16"), ("control",), "control"),
     # the demo's slides distil with two views per crop by default (configs/benchmark.py); here tiles do too
     "views_per_crop_2_tiles": (lambda d: (*tiles_args(d, "synthetic"), teacher_of(d, "tiles"),
-                                          "--config.distill.views_per_crop=2"), ("distill",), "student_kd"),
+                                          "--config.distill.views_per_crop=2"), ("distill",), "distill"),
     "target_cache_slides": (lambda d: (*demo_args(d), teacher_of(d, "slides"), "--config.distill.target_cache=True"),
-                            ("distill",), "student_kd"),
+                            ("distill",), "distill"),
     # scanner-like student views (data.scanlike_student_views) draw extra random numbers per record: on the
     # cached-target path (their views are made per record) with half of them drawn
     "scanlike_target_cache_slides": (lambda d: (*demo_args(d), teacher_of(d, "slides"),
                                                 "--config.distill.target_cache=True",
-                                                "--config.data.scanlike_student_views=0.5"), ("distill",), "student_kd"),
+                                                "--config.data.scanlike_student_views=0.5"), ("distill",), "distill"),
 }
-SECTION = {"teacher": "teacher", "student_kd": "distill", "student_control": "control"}
+SECTION = {"teacher": "teacher", "distill": "distill", "control": "control"}
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,14 @@ def test_sweep_trains_every_cell_once_and_writes_the_table(tmp_path):
     got = sorted((r["model"], r["factor"], r["input_px"], r["pool"]) for r in rows)
     assert got == sorted([
         ("teacher", 1, 64, None),
-        ("f2/student_kd", 2, 32, 1.0), ("f2_pool50/student_kd", 2, 32, 0.5), ("f2/student_baseline", 2, 32, None),
-        ("f2/student_control", 2, 32, None),
-        ("f4/student_kd", 4, 16, 1.0), ("f4_pool50/student_kd", 4, 16, 0.5), ("f4/student_baseline", 4, 16, None),
-        ("f4/student_control", 4, 16, None),
+        ("f2/distill", 2, 32, 1.0), ("f2_pool50/distill", 2, 32, 0.5), ("f2/baseline", 2, 32, None),
+        ("f2/control", 2, 32, None),
+        ("f4/distill", 4, 16, 1.0), ("f4_pool50/distill", 4, 16, 0.5), ("f4/baseline", 4, 16, None),
+        ("f4/control", 4, 16, None),
     ])
     by = {r["model"]: r for r in rows}
     assert by["teacher"]["flop_ratio"] == 1.0
-    assert 1.0 < by["f2/student_kd"]["flop_ratio"] < by["f4/student_kd"]["flop_ratio"]
+    assert 1.0 < by["f2/distill"]["flop_ratio"] < by["f4/distill"]["flop_ratio"]
     for r in rows:
         lo, hi = r["accuracy_ci95"]
         assert lo <= r["accuracy"] <= hi and r["images_per_s"] > 0
@@ -54,7 +54,7 @@ def test_sweep_trains_every_cell_once_and_writes_the_table(tmp_path):
     # the half pool: all 48 labelled tiles and 24 of the 48 unlabelled ones
     assert json.loads((workdir / "f2_pool50" / "run.json").read_text())["records"]["unlabeled"] == 24
     md = (workdir / "sweep.md").read_text()
-    assert "| f4_pool50/student_kd |" in md and "FLOP ratio" in md
+    assert "| f4_pool50/distill |" in md and "FLOP ratio" in md
     assert (workdir / "plots" / "accuracy_vs_gflops.png").read_bytes()[:4] == b"\x89PNG"
 
     # rerunning recomputes nothing: no training line is added to any cell's log
@@ -108,7 +108,7 @@ def _predictions_only_stage(run_dir: pathlib.Path, role: str) -> pathlib.Path:
     return run_dir / role
 
 
-@pytest.mark.parametrize("results_rows", [None, [{"role": "student_kd"}]])
+@pytest.mark.parametrize("results_rows", [None, [{"role": "distill"}]])
 def test_a_stage_without_a_result_row_is_named_with_what_to_do(tmp_path, results_rows):
     from histokd_jax import sweep as sweep_lib
 
@@ -125,14 +125,14 @@ def test_a_stage_without_a_result_row_is_named_with_what_to_do(tmp_path, results
 
 def test_launch_sweep_prints_an_unfinished_stage_as_one_error_line(tmp_path):
     workdir = tmp_path / "sweep"
-    _predictions_only_stage(workdir / "f2", "student_kd")
+    _predictions_only_stage(workdir / "f2", "distill")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, str(REPO / "launch/sweep.py"), "--config=configs/demo_tiles.py", f"--workdir={workdir}",
            *TINY_FLAGS, f"--config.data.root={tmp_path / 'tiles'}", f"--config.teacher.checkpoint={tmp_path}",
            "--config.sweep.factors=()", "--bootstrap=10"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert done.stderr.strip().splitlines()[-1].startswith("error: the student_kd stage of the run in")
+    assert done.stderr.strip().splitlines()[-1].startswith("error: the distill stage of the run in")
     assert "Traceback" not in done.stderr
 
 

@@ -207,7 +207,7 @@ def test_trainer_distils_with_each_teacher_share_option(tmp_path, tiny_teacher, 
     monkeypatch.setattr(steps, "distill_step", step)
     config = _distill_config(tiny_teacher, **option)
     rows = trainer.train_and_evaluate(config, tmp_path)
-    student = next(r for r in rows if r["role"] == "student_kd")
+    student = next(r for r in rows if r["role"] == "distill")
     assert 0.0 <= student["accuracy"] <= 1.0
     assert seen["crops"] == config.distill.batch_size // option.get("views_per_crop", 1)
     assert seen["cached"] == ("teacher_map" in seen["batch_keys"]) == bool(option.get("target_cache"))

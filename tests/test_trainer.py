@@ -55,14 +55,14 @@ def test_launch_end_to_end_writes_results_and_is_not_redone(tmp_path, data_root)
     done = launch(workdir, f"--config.data.root={data_root}")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((workdir / "results.json").read_text())
-    assert [r["role"] for r in rows] == ["teacher", "student_kd", "student_baseline"]
+    assert [r["role"] for r in rows] == ["teacher", "distill", "baseline"]
     for row in rows:
         assert set(trainer.RESULT_KEYS) <= set(row)
         assert row["split"] == "test" and 0.0 <= row["accuracy"] <= 1.0
     assert rows[0]["input_px"] == 64 and rows[1]["input_px"] == 16 and rows[1]["downsample"] == 4
     # 16x fewer pixels; the late stages shrink to 1x1 but still count all 9 taps, so the ratio is ~14.6x here
     assert rows[0]["gflops_per_image"] > 10 * rows[1]["gflops_per_image"] > 0
-    assert "student_kd" in done.stdout and "teacher / student FLOPs" in done.stdout
+    assert "distill" in done.stdout and "teacher / student FLOPs" in done.stdout
     assert (workdir / "config.json").exists() and list((workdir / "tensorboard").iterdir())
 
     # Running the same command again redoes nothing: no training step is logged twice.
@@ -81,7 +81,7 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path, data_root):
         assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((eight / "run.json").read_text())["devices"] == 8
     losses_one, losses_eight = train_losses(one), train_losses(eight)
-    assert set(losses_one) == {"teacher/train", "student_kd/train"}
+    assert set(losses_one) == {"teacher/train", "distill/train"}
     for stage, values in losses_one.items():
         assert len(values) == 6
         np.testing.assert_allclose(losses_eight[stage], values, rtol=2e-4, atol=1e-5)
@@ -101,13 +101,13 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_root):
 
     # A clean stop (preemption signal): checkpoint at the stop step, return None.
     resumed = tmp_path / "resumed"
-    stopped = trainer.train_and_evaluate(config, resumed, should_stop=lambda role, step: role == "student_kd" and step == 3)
+    stopped = trainer.train_and_evaluate(config, resumed, should_stop=lambda role, step: role == "distill" and step == 3)
     assert stopped is None
-    assert not (resumed / "student_kd" / "result.json").exists()
+    assert not (resumed / "distill" / "result.json").exists()
 
     # A crash after step 5: the last checkpoint is step 4, so step 5 is redone on resume.
     def crash(role, step):
-        if role == "student_kd" and step == 5:
+        if role == "distill" and step == 5:
             raise RuntimeError("simulated crash")
         return False
 
@@ -115,7 +115,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_root):
         trainer.train_and_evaluate(config, resumed, should_stop=crash)
     assert trainer.train_and_evaluate(config, resumed) is not None
 
-    for role in ("teacher", "student_kd"):
+    for role in ("teacher", "distill"):
         a, b = final_params(straight / role), final_params(resumed / role)
         for x, y in zip(_leaves(a), _leaves(b), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
@@ -189,7 +189,7 @@ def test_resume_with_another_teacher_is_refused(tmp_path, data_root):
     config.teacher.checkpoint = str(tmp_path / "a" / "teacher")
     assert trainer.train_and_evaluate(config, tmp_path / "s", should_stop=lambda role, step: step == 2) is None
     config.teacher.checkpoint = str(tmp_path / "b" / "teacher")  # the path may change; the teacher may not
-    with pytest.raises(ValueError, match=r"student_kd: cannot resume .* the teacher changed"):
+    with pytest.raises(ValueError, match=r"distill: cannot resume .* the teacher changed"):
         trainer.train_and_evaluate(config, tmp_path / "s")
 
 
@@ -231,17 +231,17 @@ def test_distils_from_a_configured_teacher_checkpoint(tmp_path, data_root):
     config.stages = ("distill",)
     config.teacher.checkpoint = str(tmp_path / "t" / "teacher")
     rows = trainer.train_and_evaluate(config, tmp_path / "s")
-    assert [r["role"] for r in rows] == ["student_kd"]
+    assert [r["role"] for r in rows] == ["distill"]
     assert not (tmp_path / "s" / "teacher").exists()  # no teacher was trained there
 
     # Listing the given teacher among the stages evaluates it; the end-of-run table has its row.
     config.stages = ("teacher", "distill")
     config.train.final_report, config.train.bootstrap, config.sweep.measure_batch_size = True, 20, 16
     rows = experiment.train_and_report(config, tmp_path / "s3")
-    assert [r["role"] for r in rows] == ["teacher", "student_kd"]
+    assert [r["role"] for r in rows] == ["teacher", "distill"]
     assert not (tmp_path / "s3" / "teacher" / "result.json").exists()  # evaluated here, not trained here
     table = (tmp_path / "s3" / "sweep.md").read_text()
-    assert "| teacher |" in table and "| student_kd |" in table
+    assert "| teacher |" in table and "| distill |" in table
 
     # A teacher of another architecture is refused, never loaded loosely.
     config.model.widths = (8, 16, 16, 16)
@@ -277,15 +277,15 @@ def test_the_demo_config_trains_from_synthetic_slides_through_openslide(tmp_path
                   config="configs/demo.py")
     assert done.returncode == 0, done.stderr[-3000:]
     # the demo ends with the evaluation report, the resolution table and a student heatmap of a test slide
-    assert "| student_kd |" in (tmp_path / "report.md").read_text()
+    assert "| distill |" in (tmp_path / "report.md").read_text()
     table = json.loads((tmp_path / "sweep.json").read_text())
-    assert [r["model"] for r in table] == ["teacher", "student_kd", "student_baseline"]
+    assert [r["model"] for r in table] == ["teacher", "distill", "baseline"]
     assert table[1]["flop_ratio"] > 10 and table[1]["images_per_s"] > 0 and table[1]["magnification"] == 2.5
-    assert "| student_kd |" in done.stdout
+    assert "| distill |" in done.stdout
     heatmaps = list((tmp_path / "predictions").glob("*.heatmap.png"))
     assert len(heatmaps) == 1 and (tmp_path / "predictions" / heatmaps[0].name.replace(".heatmap.png", ".geojson")).exists()
     rows = json.loads((tmp_path / "results.json").read_text())
-    assert [r["role"] for r in rows] == ["teacher", "student_kd", "student_baseline"]
+    assert [r["role"] for r in rows] == ["teacher", "distill", "baseline"]
     assert rows[0]["input_px"] == 64 and rows[1]["input_px"] == 16 and rows[1]["downsample"] == 4
     assert "teacher / student FLOPs" in done.stdout
     run = json.loads((tmp_path / "run.json").read_text())
@@ -329,5 +329,5 @@ def test_trains_from_a_tfds_array_record_dataset(tmp_path, data_root):
     config.data.class_names = synthetic.CLASS_NAMES
     config.stages = ("teacher", "distill")
     rows = trainer.train_and_evaluate(config, tmp_path / "run")
-    assert [r["role"] for r in rows] == ["teacher", "student_kd"]
+    assert [r["role"] for r in rows] == ["teacher", "distill"]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["records"]["test"] == 24

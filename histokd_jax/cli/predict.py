@@ -27,7 +27,7 @@ from histokd_jax import atomic, cascade, inference
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or a stage folder in it.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
-_MODEL = flags.DEFINE_enum("model", "student", sorted(inference.ROLES), "Which model of the run to apply.")
+_MODEL = flags.DEFINE_enum("model", "student", sorted(inference.MODEL_STAGES), "Which model of the run to apply.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Tiles per device batch (rounded up to the device count).")
 _MPP = flags.DEFINE_float("mpp", None, "Level-0 µm/px for every slide (overrides the slides' own metadata).")
 _TEACHER_MPP = flags.DEFINE_float("teacher_mpp", None, "Teacher µm/px, for runs trained on tiles of unstated "
