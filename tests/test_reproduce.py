@@ -90,8 +90,8 @@ def test_reproduce_runs_two_seeds_and_writes_the_table_claims_and_plots(tmp_path
     assert sorted(summary["rows"]) == ["0", "1"]
     for seed in ("0", "1"):
         models = sorted(r["model"] for r in summary["rows"][seed])
-        assert models == sorted(["teacher", *(f"f{f}/student_{role}" for f in (2, 4, 8)
-                                              for role in ("kd", "baseline", "control")),
+        assert models == sorted(["teacher", *(f"f{f}/{stage}" for f in (2, 4, 8)
+                                              for stage in ("distill", "baseline", "control")),
                                  "f4_pool0/distill", "f4_pool25/distill"])
         assert len(summary["claims"][seed]) == 10
     # the seeds drew different slides
